@@ -1,0 +1,510 @@
+"""robonet configuration: built-in defaults < TOML file < environment < command line.
+
+Every key lives in a section (``[hub]``, ``[botlink]``, ...) and can also be set in the
+environment as ``ROBONET_<SECTION>_<KEY>`` (e.g. ``ROBONET_BOTLINK_IDLE_TIMEOUT=60``). The camera
+service additionally honours the original ES_Stream_MTX variables ``SERVER_HOST``, ``DATA_PORT``,
+``SETTINGS_PORT``, ``AUTH_PORT``, ``AUTH_PASSWORD`` and ``LOG_LEVEL`` (spec/camera.md), below the
+``ROBONET_*`` variables.
+
+Invalid input raises :class:`ConfigError` whose ``str()`` is one line naming the key, e.g.
+``botlink.idle_timeout: expected a number > 0, got 'soon'``. ``etc/robonet.toml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+DEFAULT_COMMANDS = (
+    "robot_move",
+    "camera_move",
+    "set_speed",
+    "set_brightness",
+    "set",
+    "stop",
+    "movement_instruction",
+    "trial_response",
+)
+
+
+class ConfigError(Exception):
+    """An invalid or unknown configuration key; ``str(err)`` is one line naming the key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+# --- value checkers: (raw value, key) -> normalised value, raising ConfigError -------------------
+
+Checker = Callable[[Any, str], Any]
+
+
+def _fail(key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(key, f"expected {expected}, got {value!r}")
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(key, "a string", value)
+    return value
+
+
+def _bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise _fail(key, "true or false", value)
+
+
+def _number(kind: type, minimum: float, strict: bool) -> Checker:
+    label = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {minimum:g}"
+
+    def check(value: Any, key: str) -> Any:
+        if isinstance(value, str):
+            try:
+                value = kind(value.strip())
+            except ValueError:
+                raise _fail(key, label, value) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(key, label, value)
+        if kind is int and not isinstance(value, int):
+            raise _fail(key, label, value)
+        if value < minimum or (strict and value == minimum):
+            raise _fail(key, label, value)
+        return kind(value)
+
+    return check
+
+
+def _choice(*choices: str) -> Checker:
+    def check(value: Any, key: str) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise _fail(key, "one of " + ", ".join(choices), value)
+        return value.lower()
+
+    return check
+
+
+def _parse_env_structure(value: str) -> Any:
+    """Environment values for lists/tables: JSON (``["a","b"]``) or comma-separated (``a,b``)."""
+    text = value.strip()
+    if text.startswith(("[", "{")):
+        return orjson.loads(text)
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _str_list(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        try:
+            value = _parse_env_structure(value) if value.strip() else []
+        except orjson.JSONDecodeError:
+            raise _fail(key, "a list of strings", value) from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _fail(key, "a list of strings", value)
+    return tuple(value)
+
+
+def _listen(value: Any, key: str) -> tuple[str, ...]:
+    """A listen key: one endpoint string or a list of them; ``none`` (or ``[]``) disables the face."""
+    if isinstance(value, str) and "," not in value and not value.strip().startswith("["):
+        value = [value]
+    items = _str_list(value, key)
+    out = tuple(v.strip() for v in items if v.strip() and v.strip().lower() != "none")
+    for desc in out:
+        if ":" not in desc:
+            raise ConfigError(key, f"expected a Twisted endpoint string such as 'tcp:5100', got {desc!r}")
+    return out
+
+
+def _one_listen(value: Any, key: str) -> str:
+    items = _listen(value, key)
+    if len(items) > 1:
+        raise _fail(key, "one endpoint string", value)
+    return items[0] if items else ""
+
+
+def _str_table(value: Any, key: str) -> dict[str, str]:
+    if isinstance(value, str):
+        try:
+            value = orjson.loads(value) if value.strip() else {}
+        except orjson.JSONDecodeError:
+            raise _fail(key, "a table of strings", value) from None
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise _fail(key, "a table of strings", value)
+    return dict(value)
+
+
+def _forward(value: Any, key: str) -> str | tuple[str, ...]:
+    if isinstance(value, str) and value.lower() in ("all", "none"):
+        return value.lower()
+    return _str_list(value, key)
+
+
+_POS_INT = _number(int, 0, True)
+_NONNEG_INT = _number(int, 0, False)
+_POS_NUM = _number(float, 0, True)
+_NONNEG_NUM = _number(float, 0, False)
+_PORT = _number(int, 0, False)
+
+
+def _key(default: Any, check: Checker, doc: str = "") -> Any:
+    return attrs.field(default=default, metadata={"check": check, "doc": doc})
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class HubConfig:
+    name: str = _key("", _str, "hub name shown to peers and dashboards (default: host name)")
+    project_id: str = _key("default", _str)
+    state_dir: str = _key("", _str)
+    commands: tuple[str, ...] = _key(DEFAULT_COMMANDS, _str_list)
+
+
+@attrs.frozen
+class BotlinkConfig:
+    listen: tuple[str, ...] = _key(("tcp:5100",), _listen)
+    max_frame: int = _key(1048576, _POS_INT)
+    idle_timeout: float = _key(30.0, _POS_NUM)
+    ack_timeout: float = _key(5.0, _POS_NUM)
+    legacy_poll_wait: float = _key(10.0, _NONNEG_NUM)
+    legacy_queue: int = _key(32, _POS_INT)
+    legacy_names: dict[str, str] = _key(attrs.Factory(dict), _str_table)
+    max_hello_frame: int = _key(65536, _POS_INT)
+    hello_timeout: float = _key(10.0, _POS_NUM)
+    max_per_ip: int = _key(64, _POS_INT)
+    frame_timeout: float = _key(30.0, _POS_NUM, "seconds a started frame may take to complete")
+
+
+@attrs.frozen
+class LineConfig:
+    listen: tuple[str, ...] = _key(("tcp:5555",), _listen)
+    max_line: int = _key(65536, _POS_INT)
+    max_clients: int = _key(256, _POS_INT)
+
+
+@attrs.frozen
+class CameraConfig:
+    enabled: bool = _key(True, _bool)
+    data_listen: str = _key("tcp:5000", _one_listen)
+    settings_listen: str = _key("tcp:5001", _one_listen)
+    auth_listen: str = _key("tcp:5002", _one_listen)
+    password: str = _key("", _str)
+    require_auth: bool = _key(True, _bool)
+    auth_ttl: float = _key(43200.0, _POS_NUM)
+    auth_max_failures: int = _key(5, _POS_INT)
+    rate_hz: float = _key(24.0, _POS_NUM)
+    data_source: str = _key("random", _str)
+    pipeline: str = _key("off", _choice("off", "test", "libcamera"))
+    stall_timeout: float = _key(10.0, _POS_NUM)
+    rtsp_url: str = _key("rtsp://localhost:8554/ES_MTX", _str)
+    camera_tool: str = _key("rpicam-vid", _str, "libcamera-vid on Raspberry Pi OS before Bookworm")
+    camera_argv: tuple[str, ...] = _key(
+        (
+            "{camera_tool}",
+            "-t",
+            "0",
+            "--width",
+            "640",
+            "--height",
+            "480",
+            "--framerate",
+            "24",
+            "--codec",
+            "h264",
+            "--inline",
+            "--profile",
+            "baseline",
+            "--level",
+            "4.2",
+            "--vflip",
+            "--nopreview",
+            "--shutter",
+            "{shutter}",
+            "--gain",
+            "{gain}",
+            "--awbgains",
+            "{awb_red},{awb_blue}",
+            "--contrast",
+            "{contrast}",
+            "--brightness",
+            "{brightness}",
+            "-o",
+            "-",
+        ),
+        _str_list,
+    )
+    encoder_argv: tuple[str, ...] = _key(
+        (
+            "ffmpeg",
+            "-hide_banner",
+            "-nostats",
+            "-progress",
+            "pipe:2",
+            "-fflags",
+            "nobuffer",
+            "-flags",
+            "low_delay",
+            "-probesize",
+            "32",
+            "-analyzeduration",
+            "0",
+            "-r",
+            "24",
+            "-f",
+            "h264",
+            "-i",
+            "-",
+            "-c:v",
+            "copy",
+            "-f",
+            "rtsp",
+            "{rtsp_url}",
+        ),
+        _str_list,
+    )
+    test_argv: tuple[str, ...] = _key(
+        (
+            "ffmpeg",
+            "-hide_banner",
+            "-nostats",
+            "-progress",
+            "pipe:2",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=640x480:rate=24",
+            "-vf",
+            "eq=brightness={brightness}:contrast={contrast}",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+            "-g",
+            "24",
+            "-f",
+            "rtsp",
+            "{rtsp_url}",
+        ),
+        _str_list,
+    )
+
+
+@attrs.frozen
+class WebConfig:
+    listen: tuple[str, ...] = _key(("tcp:8000",), _listen)
+    allowed_origins: tuple[str, ...] = _key((), _str_list)
+    max_queue_bytes: int = _key(1048576, _POS_INT)
+    slow_timeout: float = _key(10.0, _POS_NUM)
+    max_message: int = _key(1048576, _POS_INT)
+    header_timeout: float = _key(10.0, _POS_NUM)
+    echo: bool = _key(False, _bool)
+
+
+@attrs.frozen
+class StoreConfig:
+    enabled: bool = _key(True, _bool)
+    path: str = _key("", _str)
+    retention_days: float = _key(30.0, _NONNEG_NUM)
+    max_rows: int = _key(5000000, _NONNEG_INT)
+    synchronous: str = _key("normal", _choice("normal", "full"))
+
+
+@attrs.frozen
+class DiscoveryConfig:
+    enabled: bool = _key(True, _bool)
+    port: int = _key(8890, _PORT)
+    interval: float = _key(5.0, _POS_NUM)
+    broadcast_addresses: tuple[str, ...] = _key((), _str_list)
+    mdns: bool = _key(True, _bool)
+
+
+@attrs.frozen
+class PeersConfig:
+    auto: bool = _key(True, _bool)
+    static: tuple[str, ...] = _key((), _str_list)
+    require_same_hash: bool = _key(False, _bool)
+    forward: str | tuple[str, ...] = _key("all", _forward)
+    secret: str = _key("", _str)
+
+
+@attrs.frozen
+class AuthConfig:
+    mode: str = _key("open", _choice("open", "token"))
+    tokens: dict[str, str] = _key(attrs.Factory(dict), _str_table)
+
+
+@attrs.frozen
+class TeleopConfig:
+    deadman_ms: int = _key(0, _NONNEG_INT)
+
+
+@attrs.frozen
+class LogConfig:
+    level: str = _key("info", _choice(*LOG_LEVELS, "warning"))
+    json_file: str = _key("", _str)
+
+
+SECTIONS: dict[str, type] = {
+    "hub": HubConfig,
+    "botlink": BotlinkConfig,
+    "line": LineConfig,
+    "camera": CameraConfig,
+    "web": WebConfig,
+    "store": StoreConfig,
+    "discovery": DiscoveryConfig,
+    "peers": PeersConfig,
+    "auth": AuthConfig,
+    "teleop": TeleopConfig,
+    "log": LogConfig,
+}
+
+
+@attrs.frozen
+class Config:
+    """The whole validated configuration. Sections are frozen attrs classes; see ``SECTIONS``."""
+
+    hub: HubConfig = attrs.Factory(HubConfig)
+    botlink: BotlinkConfig = attrs.Factory(BotlinkConfig)
+    line: LineConfig = attrs.Factory(LineConfig)
+    camera: CameraConfig = attrs.Factory(CameraConfig)
+    web: WebConfig = attrs.Factory(WebConfig)
+    store: StoreConfig = attrs.Factory(StoreConfig)
+    discovery: DiscoveryConfig = attrs.Factory(DiscoveryConfig)
+    peers: PeersConfig = attrs.Factory(PeersConfig)
+    auth: AuthConfig = attrs.Factory(AuthConfig)
+    teleop: TeleopConfig = attrs.Factory(TeleopConfig)
+    log: LogConfig = attrs.Factory(LogConfig)
+
+    @property
+    def state_path(self) -> Path:
+        """The resolved state directory (``hub.state_dir``)."""
+        return Path(self.hub.state_dir)
+
+    @property
+    def store_path(self) -> Path:
+        """The resolved SQLite path (``store.path``, default ``<state_dir>/telemetry.sqlite3``)."""
+        return Path(self.store.path) if self.store.path else self.state_path / "telemetry.sqlite3"
+
+
+def _merge(layers: list[tuple[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Fold layers of ``{section: {key: value}}``; check names, leave values for the section."""
+    merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for _origin, layer in layers:
+        for section, values in layer.items():
+            if section not in SECTIONS:
+                raise ConfigError(section, "unknown section")
+            if not isinstance(values, Mapping):
+                raise ConfigError(section, "expected a table")
+            names = {f.name for f in attrs.fields(SECTIONS[section])}
+            for key, value in values.items():
+                if key not in names:
+                    raise ConfigError(f"{section}.{key}", "unknown key")
+                merged[section][key] = value
+    return merged
+
+
+def _build_section(section: str, values: Mapping[str, Any]) -> Any:
+    cls = SECTIONS[section]
+    checked = {}
+    for f in attrs.fields(cls):
+        if f.name in values:
+            checked[f.name] = f.metadata["check"](values[f.name], f"{section}.{f.name}")
+    return cls(**checked)
+
+
+def environment_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Config values from ``ROBONET_<SECTION>_<KEY>`` and the camera's original variables.
+
+    Unknown ``ROBONET_*`` names raise :class:`ConfigError` (a typo should not be silently ignored).
+    """
+    layer: dict[str, dict[str, Any]] = {}
+    host = environ.get("SERVER_HOST")
+    for env_name, key in (
+        ("DATA_PORT", "data_listen"),
+        ("SETTINGS_PORT", "settings_listen"),
+        ("AUTH_PORT", "auth_listen"),
+    ):
+        port = environ.get(env_name)
+        if port is not None:
+            if not port.strip().isdigit():
+                raise ConfigError(env_name, f"expected a port number, got {port!r}")
+            desc = f"tcp:{int(port)}" + (f":interface={host}" if host else "")
+            layer.setdefault("camera", {})[key] = desc
+    if host and not any(k in environ for k in ("DATA_PORT", "SETTINGS_PORT", "AUTH_PORT")):
+        for key, port in (("data_listen", 5000), ("settings_listen", 5001), ("auth_listen", 5002)):
+            layer.setdefault("camera", {})[key] = f"tcp:{port}:interface={host}"
+    if "AUTH_PASSWORD" in environ:
+        layer.setdefault("camera", {})["password"] = environ["AUTH_PASSWORD"]
+    if "LOG_LEVEL" in environ:
+        layer.setdefault("log", {})["level"] = environ["LOG_LEVEL"].lower()
+    for name, value in environ.items():
+        if not name.startswith("ROBONET_"):
+            continue
+        rest = name[len("ROBONET_") :].lower()
+        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            raise ConfigError(name, "unknown section in environment variable")
+        layer.setdefault(section, {})[rest[len(section) + 1 :]] = value
+    return layer
+
+
+def default_state_dir(environ: Mapping[str, str]) -> str:
+    """``$STATE_DIRECTORY`` (systemd), else ``$XDG_STATE_HOME/robonet``, else ``~/.local/state/robonet``."""
+    if environ.get("STATE_DIRECTORY"):
+        return environ["STATE_DIRECTORY"].split(":")[0]
+    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "robonet")
+
+
+def load_config(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the configuration from defaults, the TOML file at ``path``, ``environ`` and ``overrides``.
+
+    ``overrides`` has the same ``{section: {key: value}}`` shape as the file (the command line).
+    Raises :class:`ConfigError` for an unreadable file, invalid TOML, unknown keys or invalid values.
+    """
+    environ = os.environ if environ is None else environ
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if path:
+        try:
+            with open(path, "rb") as f:
+                layers.append((path, tomllib.load(f)))
+        except OSError as e:
+            raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("--config", f"invalid TOML in {path}: {e}") from None
+    layers.append(("environment", environment_layer(environ)))
+    if overrides:
+        layers.append(("command line", overrides))
+    merged = _merge(layers)
+    sections = {name: _build_section(name, values) for name, values in merged.items()}
+    hub = sections["hub"]
+    hub = attrs.evolve(
+        hub,
+        name=hub.name or socket.gethostname(),
+        state_dir=os.path.abspath(os.path.expanduser(hub.state_dir or default_state_dir(environ))),
+    )
+    sections["hub"] = hub
+    return Config(**sections)

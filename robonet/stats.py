@@ -1,0 +1,102 @@
+"""Hub statistics (seed 000 "Statistics & Monitoring"): counters cheap enough for the hot path.
+
+Counts messages and bytes in/out per message type, errors per code, fan-out drops per reason, and
+keeps bounded samples of ack round-trip times (commands the hub sent, acked by robots) and of ack
+delays (frame received -> ack written, which includes the store's group commit).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+
+class Samples:
+    """A bounded ring of float samples (seconds) with percentiles in milliseconds."""
+
+    __slots__ = ("_ring", "count")
+
+    def __init__(self, size: int = 4096) -> None:
+        self._ring: deque[float] = deque(maxlen=size)
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        """Record one sample."""
+        self._ring.append(seconds)
+        self.count += 1
+
+    def summary(self) -> dict[str, Any]:
+        """``{"count", "p50_ms", "p99_ms", "max_ms"}`` over the retained window (None when empty)."""
+        if not self._ring:
+            return {"count": self.count, "p50_ms": None, "p99_ms": None, "max_ms": None}
+        s = sorted(self._ring)
+        n = len(s)
+        return {
+            "count": self.count,
+            "p50_ms": round(s[n // 2] * 1000, 3),
+            "p99_ms": round(s[min(n - 1, int(n * 0.99))] * 1000, 3),
+            "max_ms": round(s[-1] * 1000, 3),
+        }
+
+
+class Stats:
+    """Process-wide counters. ``started_at`` is hub time (Unix seconds) at construction."""
+
+    def __init__(self, started_at: float) -> None:
+        self.started_at = started_at
+        self.msgs_in: dict[str, int] = {}
+        self.msgs_out: dict[str, int] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.errors: dict[str, int] = {}
+        self.drops: dict[str, int] = {}
+        self.connections: dict[str, int] = {}
+        self.ack_rtt = Samples()
+        self.ack_delay = Samples()
+
+    def count_in(self, mtype: str, nbytes: int = 0) -> None:
+        """One message of ``mtype`` received (``nbytes`` of payload)."""
+        m = self.msgs_in
+        m[mtype] = m.get(mtype, 0) + 1
+        self.bytes_in += nbytes
+
+    def count_in_many(self, mtype: str, count: int, nbytes: int) -> None:
+        """``count`` messages of one type at once (faces batch per read)."""
+        m = self.msgs_in
+        m[mtype] = m.get(mtype, 0) + count
+        self.bytes_in += nbytes
+
+    def count_out(self, mtype: str, nbytes: int = 0) -> None:
+        """One message of ``mtype`` sent."""
+        m = self.msgs_out
+        m[mtype] = m.get(mtype, 0) + 1
+        self.bytes_out += nbytes
+
+    def error(self, code: str) -> None:
+        """One error of spec code ``code`` (bad_json, frame_too_large, ...)."""
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        """``count`` items dropped for ``reason`` (slow subscriber, udp garbage, ...)."""
+        self.drops[reason] = self.drops.get(reason, 0) + count
+
+    def connection(self, face: str, delta: int) -> None:
+        """Track open connections per face (+1 on open, -1 on close)."""
+        self.connections[face] = self.connections.get(face, 0) + delta
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Everything as a JSON-able dict (the ``stats`` endpoint adds registry counts)."""
+        return {
+            "uptime_s": round(now - self.started_at, 3),
+            "messages_in": dict(self.msgs_in),
+            "messages_out": dict(self.msgs_out),
+            "messages_in_total": sum(self.msgs_in.values()),
+            "messages_out_total": sum(self.msgs_out.values()),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "errors": dict(self.errors),
+            "drops": dict(self.drops),
+            "connections": dict(self.connections),
+            "ack_rtt": self.ack_rtt.summary(),
+            "ack_delay": self.ack_delay.summary(),
+        }

@@ -1,0 +1,5 @@
+from twisted.application.service import ServiceMaker
+
+robonet = ServiceMaker(
+    "robonet", "robonet.tap", "Robot fleet hub: bot links, line links, camera, discovery, peers, web dashboard.", "robonet"
+)
