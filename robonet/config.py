@@ -188,7 +188,6 @@ class BotlinkConfig:
     max_hello_frame: int = _key(65536, _POS_INT)
     hello_timeout: float = _key(10.0, _POS_NUM)
     max_per_ip: int = _key(64, _POS_INT)
-    frame_timeout: float = _key(30.0, _POS_NUM, "seconds a started frame may take to complete")
 
 
 @attrs.frozen
@@ -204,15 +203,18 @@ class CameraConfig:
     data_listen: str = _key("tcp:5000", _one_listen)
     settings_listen: str = _key("tcp:5001", _one_listen)
     auth_listen: str = _key("tcp:5002", _one_listen)
-    password: str = _key("", _str)
+    password: str = _key("", _str, "empty: generated on first start into <state_dir>/camera_password")
     require_auth: bool = _key(True, _bool)
     auth_ttl: float = _key(43200.0, _POS_NUM)
     auth_max_failures: int = _key(5, _POS_INT)
     rate_hz: float = _key(24.0, _POS_NUM)
-    data_source: str = _key("random", _str)
+    data_source: str = _key("random", _str, "'random' (0..10) or '<device_id>.<field>' from the registry")
     pipeline: str = _key("off", _choice("off", "test", "libcamera"))
     stall_timeout: float = _key(10.0, _POS_NUM)
-    rtsp_url: str = _key("rtsp://localhost:8554/ES_MTX", _str)
+    rtsp_url: str = _key("rtsp://localhost:8554/ES_MTX", _str, "output URL or file path ({rtsp_url})")
+    output_format: str = _key(
+        "", _str, "ffmpeg -f for rtsp_url ({output_format}); empty: rtsp for rtsp://, else mpegts"
+    )
     camera_tool: str = _key("rpicam-vid", _str, "libcamera-vid on Raspberry Pi OS before Bookworm")
     camera_argv: tuple[str, ...] = _key(
         (
@@ -254,6 +256,8 @@ class CameraConfig:
             "ffmpeg",
             "-hide_banner",
             "-nostats",
+            "-loglevel",
+            "warning",
             "-progress",
             "pipe:2",
             "-fflags",
@@ -272,8 +276,9 @@ class CameraConfig:
             "-",
             "-c:v",
             "copy",
+            "-y",
             "-f",
-            "rtsp",
+            "{output_format}",
             "{rtsp_url}",
         ),
         _str_list,
@@ -282,7 +287,10 @@ class CameraConfig:
         (
             "ffmpeg",
             "-hide_banner",
+            "-nostdin",
             "-nostats",
+            "-loglevel",
+            "warning",
             "-progress",
             "pipe:2",
             "-re",
@@ -292,6 +300,8 @@ class CameraConfig:
             "testsrc=size=640x480:rate=24",
             "-vf",
             "eq=brightness={brightness}:contrast={contrast}",
+            "-pix_fmt",
+            "yuv420p",
             "-c:v",
             "libx264",
             "-preset",
@@ -300,12 +310,35 @@ class CameraConfig:
             "zerolatency",
             "-g",
             "24",
+            "-y",
             "-f",
-            "rtsp",
+            "{output_format}",
             "{rtsp_url}",
         ),
         _str_list,
     )
+    preview_fps: float = _key(2.0, _NONNEG_NUM, "MJPEG preview frames per second; 0 turns the preview off")
+    preview_argv: tuple[str, ...] = _key(
+        (
+            "-an",
+            "-vf",
+            "fps={preview_fps},scale=320:-2",
+            "-pix_fmt",
+            "yuvj420p",
+            "-c:v",
+            "mjpeg",
+            "-q:v",
+            "8",
+            "-f",
+            "image2pipe",
+            "pipe:1",
+        ),
+        _str_list,
+        "second ffmpeg output appended to the last process of the chain when preview_fps > 0",
+    )
+    packet_timeout: float = _key(5.0, _POS_NUM, "seconds a started packet (and the auth request) may take")
+    slow_timeout: float = _key(30.0, _POS_NUM, "seconds a data client may stop reading before it is closed")
+    max_per_ip: int = _key(32, _POS_INT, "connections per client IP on each camera port")
 
 
 @attrs.frozen
@@ -438,20 +471,18 @@ def environment_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """
     layer: dict[str, dict[str, Any]] = {}
     host = environ.get("SERVER_HOST")
-    for env_name, key in (
-        ("DATA_PORT", "data_listen"),
-        ("SETTINGS_PORT", "settings_listen"),
-        ("AUTH_PORT", "auth_listen"),
+    for env_name, key, default_port in (
+        ("DATA_PORT", "data_listen", 5000),
+        ("SETTINGS_PORT", "settings_listen", 5001),
+        ("AUTH_PORT", "auth_listen", 5002),
     ):
-        port = environ.get(env_name)
-        if port is not None:
-            if not port.strip().isdigit():
-                raise ConfigError(env_name, f"expected a port number, got {port!r}")
-            desc = f"tcp:{int(port)}" + (f":interface={host}" if host else "")
-            layer.setdefault("camera", {})[key] = desc
-    if host and not any(k in environ for k in ("DATA_PORT", "SETTINGS_PORT", "AUTH_PORT")):
-        for key, port in (("data_listen", 5000), ("settings_listen", 5001), ("auth_listen", 5002)):
-            layer.setdefault("camera", {})[key] = f"tcp:{port}:interface={host}"
+        port_text = environ.get(env_name)
+        if port_text is None and not host:
+            continue
+        if port_text is not None and not port_text.strip().isdigit():
+            raise ConfigError(env_name, f"expected a port number, got {port_text!r}")
+        port = int(port_text) if port_text is not None else default_port
+        layer.setdefault("camera", {})[key] = f"tcp:{port}" + (f":interface={host}" if host else "")
     if "AUTH_PASSWORD" in environ:
         layer.setdefault("camera", {})["password"] = environ["AUTH_PASSWORD"]
     if "LOG_LEVEL" in environ:

@@ -68,7 +68,6 @@ def observer_factory(
     return make
 
 
-
 _settings: dict[str, object] = {"level": "info", "json_file": "", "logfile": None, "nodaemon": True}
 
 

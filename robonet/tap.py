@@ -12,7 +12,6 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
-from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -135,7 +134,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     return build_service(config, reactor, demo=bool(options["demo"]))
 
 
-def build_service(config: Config, reactor: IReactorCore | Any, *, demo: bool = False) -> MultiService:
+def build_service(config: Config, reactor: Any, *, demo: bool = False) -> MultiService:
     """Wire the store, hub and every enabled face into one MultiService."""
     from robonet.hub import Hub
     from robonet.node import load_node_identity
@@ -184,7 +183,11 @@ def build_service(config: Config, reactor: IReactorCore | Any, *, demo: bool = F
         camera = make_camera_service(config, hub, reactor)
         camera.setServiceParent(top)
         extra_resources.update(camera_resources(camera))
-        hub.faces["camera"] = [config.camera.data_listen, config.camera.settings_listen, config.camera.auth_listen]
+        hub.faces["camera"] = [
+            config.camera.data_listen,
+            config.camera.settings_listen,
+            config.camera.auth_listen,
+        ]
 
     if config.web.listen:
         from robonet.services.web import web_services

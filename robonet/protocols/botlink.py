@@ -143,7 +143,7 @@ class BotLinkProtocol(Protocol):
     face = "botlink"
     log = Logger()
 
-    def __init__(self, factory: BotLinkFactory, address: IAddress) -> None:
+    def __init__(self, factory: BotLinkFactory, address: IAddress | None) -> None:
         self.factory = factory
         self.hub = factory.hub
         self.cfg = factory.config
@@ -480,7 +480,8 @@ class BotLinkProtocol(Protocol):
         d, timer = entry
         if timer.active():
             timer.cancel()
-        code = obj.get("code") if isinstance(obj.get("code"), str) else "internal"
+        code = obj.get("code")
+        code = code if isinstance(code, str) else "internal"
         d.errback(HubError(code, str(obj.get("message") or code)))
 
     def _on_ping(self, obj: dict[str, Any], mid: int | None, payload: bytes) -> None:
@@ -778,7 +779,7 @@ class BotLinkFactory(ServerFactory):
         self.per_ip: dict[str, int] = {}
         self.legacy: dict[str, LegacyDevice] = {}
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         ip = getattr(addr, "host", "?")
         n = self.per_ip.get(ip, 0)
         if n >= self.config.max_per_ip:
