@@ -12,6 +12,7 @@ Invalid input raises :class:`ConfigError` whose ``str()`` is one line naming the
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tomllib
@@ -68,8 +69,10 @@ def _bool(value: Any, key: str) -> bool:
     raise _fail(key, "true or false", value)
 
 
-def _number(kind: type, minimum: float, strict: bool) -> Checker:
+def _number(kind: type, minimum: float, strict: bool, maximum: float = math.inf) -> Checker:
     label = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {minimum:g}"
+    if maximum != math.inf:
+        label += f" and <= {maximum:g}"
 
     def check(value: Any, key: str) -> Any:
         if isinstance(value, str):
@@ -81,7 +84,8 @@ def _number(kind: type, minimum: float, strict: bool) -> Checker:
             raise _fail(key, label, value)
         if kind is int and not isinstance(value, int):
             raise _fail(key, label, value)
-        if value < minimum or (strict and value == minimum):
+        # not (x >= min) also catches nan; inf is no valid duration or size either
+        if not value >= minimum or (strict and value == minimum) or value > maximum or value == math.inf:
             raise _fail(key, label, value)
         return kind(value)
 
@@ -158,7 +162,7 @@ _POS_INT = _number(int, 0, True)
 _NONNEG_INT = _number(int, 0, False)
 _POS_NUM = _number(float, 0, True)
 _NONNEG_NUM = _number(float, 0, False)
-_PORT = _number(int, 0, False)
+_PORT = _number(int, 0, False, 65535)
 
 
 def _key(default: Any, check: Checker, doc: str = "") -> Any:
@@ -195,6 +199,12 @@ class LineConfig:
     listen: tuple[str, ...] = _key(("tcp:5555",), _listen)
     max_line: int = _key(65536, _POS_INT)
     max_clients: int = _key(256, _POS_INT)
+    idle_timeout: float = _key(600.0, _POS_NUM, "s without a complete line before a connection is closed")
+    text_replies: dict[str, str] = _key(
+        attrs.Factory(lambda: {"hello": "ok", "ping": "pong"}),
+        _str_table,
+        "exact LabAuto text lines answered while no `text` endpoint is registered",
+    )
 
 
 @attrs.frozen
@@ -317,12 +327,16 @@ class CameraConfig:
         ),
         _str_list,
     )
-    preview_fps: float = _key(2.0, _NONNEG_NUM, "MJPEG preview frames per second; 0 turns the preview off")
+    preview_fps: float = _key(
+        2.0, _NONNEG_NUM, "MJPEG preview frames per second (every 24/preview_fps-th frame); 0: no preview"
+    )
     preview_argv: tuple[str, ...] = _key(
         (
             "-an",
             "-vf",
-            "fps={preview_fps},scale=320:-2",
+            "select='not(mod(n,{preview_every}))',scale=320:-2",
+            "-fps_mode",
+            "passthrough",
             "-pix_fmt",
             "yuvj420p",
             "-c:v",

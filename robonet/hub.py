@@ -136,6 +136,10 @@ class Hub(Service):
         """Serve request endpoint ``name`` with ``fn(data, origin_device_id) -> value | Deferred``."""
         self._endpoints[name] = fn
 
+    def has_endpoint(self, name: str) -> bool:
+        """Whether endpoint ``name`` is registered (O(1))."""
+        return name in self._endpoints
+
     @property
     def endpoints(self) -> list[str]:
         """Names of all registered endpoints."""
