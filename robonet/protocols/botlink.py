@@ -37,13 +37,17 @@ LEGACY_ACK_TAG = b"ACK\x00"
 class FrameError(Exception):
     """An unrecoverable framing error: the stream cannot be resynchronised (spec section 7).
 
-    ``code`` is ``frame_too_large`` (length over the cap) or ``bad_frame`` (length 0).
+    ``code`` is ``frame_too_large`` (length over the cap) or ``bad_frame`` (length 0). ``frames``
+    holds the payloads completed before the bad prefix in the same feed (process them first, so
+    the outcome does not depend on how reads were split); ``rest`` the bytes from the bad prefix on.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, frames: list[bytes] | None = None, rest: bytes = b"") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.frames = frames or []
+        self.rest = rest
 
 
 def additive_sum(payload: bytes | memoryview) -> int:
@@ -108,8 +112,10 @@ class FrameDecoder:
             if length == 0 or length > self.max_frame:
                 self._buf = b""
                 if length == 0:
-                    raise FrameError("bad_frame", "frame length 0")
-                raise FrameError("frame_too_large", f"frame length {length} exceeds {self.max_frame}")
+                    raise FrameError("bad_frame", "frame length 0", frames, buf[pos:])
+                raise FrameError(
+                    "frame_too_large", f"frame length {length} exceeds {self.max_frame}", frames, buf[pos:]
+                )
             end = pos + 4 + length
             if end > n:
                 break
@@ -223,6 +229,10 @@ class BotLinkProtocol(Protocol):
         elif not self.closing:
             self.transport.write(data)  # type: ignore[union-attr]
 
+    def send_frame(self, frame: bytes) -> None:
+        """Send one pre-encoded frame (4-byte length + payload), in order behind buffered replies."""
+        self._send(frame)
+
     def send_obj(self, obj: Any) -> None:
         """Send one JSON object as a frame (used by the peer service on peer connections)."""
         self._send(encode_obj(obj))
@@ -256,7 +266,7 @@ class BotLinkProtocol(Protocol):
     # -- input --
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or self.mode == "poll":  # a poll only waits for its one instruction
             return
         self.hub.stats.bytes_in += len(data)
         if self.mode is None and not self._decoder.pending:
@@ -269,14 +279,26 @@ class BotLinkProtocol(Protocol):
                     return
                 self._start_poll()
                 return
+        cap = self._decoder.max_frame
         try:
             frames = self._decoder.feed(data)
         except FrameError as e:
+            if e.frames:
+                self._frames(e.frames)
+            if self.closing:
+                return
+            if e.code == "frame_too_large" and self._decoder.max_frame > cap:
+                # a hello earlier in this read raised the cap: judge the rest by the new one
+                self.hub.stats.bytes_in -= len(e.rest)
+                self.dataReceived(e.rest)
+                return
             self.hub.stats.error(e.code)
             self.close_with_error(e.code, e.message)
             return
-        if not frames:
-            return
+        if frames:
+            self._frames(frames)
+
+    def _frames(self, frames: list[bytes]) -> None:
         self._now = self._last_rx = self.clock.seconds()
         self._out = []
         try:
@@ -335,6 +357,17 @@ class BotLinkProtocol(Protocol):
     def _hello(self, obj: dict[str, Any]) -> None:
         proto = obj.get("proto", 1)
         role = obj.get("role", "client")
+        if role == "peer":  # the peer service checks proto itself (error: incompatible)
+            acceptor = self.hub.peer_acceptor
+            if acceptor is None:
+                self.hub.stats.error("bad_hello")
+                self.close_with_error("bad_hello", "this hub does not accept peer links")
+                return
+            self._cancel_hello_timer()
+            self.mode = "peer"
+            self._decoder.max_frame = self.cfg.max_frame
+            self._peer = acceptor.accept(self, obj)
+            return
         if proto != robonet.PROTO_VERSION:
             self.hub.stats.error("proto_unsupported")
             self.close_with_error("proto_unsupported", f"proto {proto!r} is not supported; use 1")
@@ -351,17 +384,6 @@ class BotLinkProtocol(Protocol):
             return
         if not isinstance(name, str):
             name = str(name)
-        if role == "peer":
-            acceptor = self.hub.peer_acceptor
-            if acceptor is None:
-                self.hub.stats.error("bad_hello")
-                self.close_with_error("bad_hello", "this hub does not accept peer links")
-                return
-            self._cancel_hello_timer()
-            self.mode = "peer"
-            self._decoder.max_frame = self.cfg.max_frame
-            self._peer = acceptor.accept(self, obj)
-            return
         auth = self.factory.auth
         if auth.mode == "token":
             granted = auth.tokens.get(obj.get("token")) if isinstance(obj.get("token"), str) else None
