@@ -53,6 +53,18 @@ _SET_NAMES = {"speed": "set_speed", "brightness": "set_brightness"}
 STATS_LOG_INTERVAL = 60.0
 
 
+class _FailedBatch:
+    """A store batch that has already failed (the store stopped): waiters get ``internal`` at once."""
+
+    size = 0
+
+    def when_committed(self, ok: Callable[..., object], failed: Callable[..., object], *args: Any) -> None:
+        failed(Failure(HubError("internal", "telemetry store is not running")), *args)
+
+
+_STORE_STOPPED = _FailedBatch()
+
+
 def _priority(mtype: str) -> Priority:
     if mtype in BULK_DATA_TYPES:
         return Priority.BULK
@@ -223,7 +235,7 @@ class Hub(Service):
         """Take one data message from ``device``: the hot path, O(1) per subscriber.
 
         Updates the device's latest values, counts it, runs the type's callbacks, appends it to the
-        store and offers it to every subscriber. Returns the store's Batch (ack the sender only once
+        store (all but bulk types such as video_frame) and offers it to every subscriber. Returns the store's Batch (ack the sender only once
         ``batch.when_committed`` fires) or None when there is nothing to wait for.
         """
         mtype = msg.type
@@ -244,8 +256,11 @@ class Hub(Service):
                     self.stats.error("internal")
                     self.log.failure("callback for {mtype} failed", mtype=mtype)
         batch = None
-        if self.store is not None:
-            batch = self.store.append(device.device_id, mtype, at, body, msg.raw)
+        if self.store is not None and mtype not in BULK_DATA_TYPES:
+            try:
+                batch = self.store.append(device.device_id, mtype, at, body, msg.raw)
+            except RuntimeError:  # the store has stopped (shutdown): never ack what was not stored
+                batch = _STORE_STOPPED
         subs = self._subscribers
         if subs:
             ev = Event("data", device.device_id, mtype, body, at, _priority(mtype), device.hub, device.name)
