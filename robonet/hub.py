@@ -472,6 +472,7 @@ class Hub(Service):
 
     def _ep_stats(self, data: Any, origin: str) -> dict[str, Any]:
         snap = self.stats.snapshot(self.now())
+        snap["node"] = {"node_id": self.node.node_id, "name": self.node.name, "version": self.node.version}
         snap["devices"] = self.device_counts()
         snap["subscribers"] = len(self._subscribers)
         if self.store is not None and hasattr(self.store, "stats"):
