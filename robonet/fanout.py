@@ -63,6 +63,7 @@ class OutboundQueue:
     def resumeProducing(self) -> None:
         """The transport drained: write what is held, in priority order."""
         self.paused = False
+        self._disarm()  # progress: a pause during the flush below starts a fresh slow_timeout
         self._flush()
 
     def stopProducing(self) -> None:

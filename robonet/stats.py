@@ -31,10 +31,11 @@ class Samples:
             return {"count": self.count, "p50_ms": None, "p99_ms": None, "max_ms": None}
         s = sorted(self._ring)
         n = len(s)
+        # nearest rank: the smallest sample with at least p% of the samples at or below it
         return {
             "count": self.count,
-            "p50_ms": round(s[n // 2] * 1000, 3),
-            "p99_ms": round(s[min(n - 1, int(n * 0.99))] * 1000, 3),
+            "p50_ms": round(s[(n * 50 + 99) // 100 - 1] * 1000, 3),
+            "p99_ms": round(s[(n * 99 + 99) // 100 - 1] * 1000, 3),
             "max_ms": round(s[-1] * 1000, 3),
         }
 

@@ -1,0 +1,243 @@
+"""Bad input against one real daemon's bot link (HARDENING.md "bot link" and "all TCP" rows).
+
+Each case is followed by a well-behaved robot that must still be served (hello, telemetry acked),
+and the daemon must still be alive with no traceback in its log. The 1,000-idle-connections case
+runs its own daemon with ``max_per_ip`` raised (they all come from 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import resource
+import selectors
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+from twisted.trial.unittest import SynchronousTestCase
+
+from robonet.protocols.botlink import encode_frame
+from tests.daemon import Daemon, start_daemon
+from tests.test_daemon_e2e import RawConn, checksum, served
+
+WAIT_CAP = 5.0
+
+
+class _ClassScope:
+    """What start_daemon needs from a test case, for a daemon shared by a whole class."""
+
+    def __init__(self) -> None:
+        self.cleanups: list[Callable[[], Any]] = []
+
+    def mktemp(self) -> str:
+        path = tempfile.mkdtemp(prefix="robonet-badinput-")
+        self.cleanups.append(lambda: shutil.rmtree(path, ignore_errors=True))
+        return path
+
+    def addCleanup(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.cleanups.append(lambda: fn(*args))
+
+    def run_cleanups(self) -> None:
+        while self.cleanups:
+            self.cleanups.pop()()
+
+
+class BadInputTests(SynchronousTestCase):
+    """One daemon takes every kind of bad bot-link input and keeps serving."""
+
+    scope: _ClassScope
+    daemon: Daemon
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.scope = _ClassScope()
+        cls.daemon = start_daemon(cls.scope, faces=("botlink",), store=True)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.scope.run_cleanups()
+
+    def setUp(self) -> None:
+        self.port = self.daemon.ports["botlink"]
+        self.assertTrue(self.daemon.alive(), self.daemon.log()[-2000:])
+
+    def tearDown(self) -> None:
+        served(self, self.daemon)
+        self.assertNotIn("Traceback", self.daemon.log())
+        self.assertNotIn("Unhandled", self.daemon.log())
+
+    def conn(self, hello: bool = False, **kw: Any) -> RawConn:
+        c = RawConn(self.port, **kw)
+        self.addCleanup(c.close)
+        if hello:
+            c.hello(role="robot")
+        return c
+
+    def assertClosedWith(self, c: RawConn, code: str) -> None:
+        frames = c.at_eof()
+        self.assertEqual([(f["type"], f["code"]) for f in frames], [("error", code)])
+
+    def test_length_zero(self) -> None:
+        """Length prefix 0: bad_frame and close (before and after hello)."""
+        for hello in (False, True):
+            c = self.conn(hello)
+            c.send_raw(b"\x00\x00\x00\x00" + b"junk")
+            self.assertClosedWith(c, "bad_frame")
+
+    def test_length_2_31(self) -> None:
+        """Length prefix 2**31: frame_too_large and close at once (nothing of it is read)."""
+        for hello in (False, True):
+            c = self.conn(hello)
+            c.send_raw(struct.pack(">I", 2**31))
+            self.assertClosedWith(c, "frame_too_large")
+
+    def test_50_mb_declared(self) -> None:
+        """A 50 MB declared length is refused on the prefix; the daemon's memory does not grow."""
+        proc = psutil.Process(self.daemon.pid)
+        before = proc.memory_info().rss
+        c = self.conn(True)
+        c.send_raw(struct.pack(">I", 50 * 2**20) + b"x" * 65536)
+        self.assertClosedWith(c, "frame_too_large")
+        self.assertLess(proc.memory_info().rss - before, 20 * 2**20)
+
+    def test_http_garbage(self) -> None:
+        """An HTTP request on the bot link (a huge 'length') is refused and closed."""
+        c = self.conn()
+        c.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertClosedWith(c, "frame_too_large")
+
+    def test_truncated_then_close(self) -> None:
+        """A frame cut short and then closed is discarded: nothing is ingested or acked."""
+        c = self.conn()
+        c.hello(role="robot", device_id="truncated-robot")
+        c.send_raw(encode_frame(b'{"type":"telemetry","id":1,"battery":1}')[:20])
+        c.close()
+        c2 = self.conn()
+        c2.hello(role="client")
+        devices = c2.request("devices")["data"]["devices"]
+        dev = next(x for x in devices if x["device_id"] == "truncated-robot")
+        self.assertEqual(dev["latest"], {})
+
+    def test_invalid_utf8(self) -> None:
+        """Invalid UTF-8 gets bad_json, never an ack; the connection stays usable."""
+        c = self.conn(True)
+        c.send_raw(encode_frame(b'{"type":"telemetry","id":5,"x":"\xff\xfe"}'))
+        err = c.recv()
+        self.assertEqual((err["type"], err["code"]), ("error", "bad_json"))
+        payload = c.send({"type": "ping", "id": 6})
+        self.assertEqual(c.recv(), {"type": "ack", "id": 6, "sum": checksum(payload)})
+
+    def test_non_objects(self) -> None:
+        """[] 1 "x" null each get not_object, never an ack; the connection stays usable."""
+        c = self.conn(True)
+        for payload in (b"[]", b"1", b'"x"', b"null"):
+            c.send_raw(encode_frame(payload))
+            err = c.recv()
+            self.assertEqual((err["type"], err["code"]), ("error", "not_object"), payload)
+        c.send({"type": "ping", "id": 1})
+        self.assertEqual(c.recv()["type"], "ack")
+
+    def test_missing_type(self) -> None:
+        """A frame without type gets missing_type with its ref."""
+        c = self.conn(True)
+        c.send({"id": 3, "battery": 1})
+        err = c.recv()
+        self.assertEqual((err["code"], err["ref"]), ("missing_type", 3))
+
+    def test_deep_nesting(self) -> None:
+        """100,000-deep nesting is rejected quickly (bad_json); the connection stays usable."""
+        c = self.conn(True)
+        started = time.monotonic()
+        c.send_raw(encode_frame(b"[" * 100_000))
+        self.assertEqual(c.recv()["code"], "bad_json")
+        self.assertLess(time.monotonic() - started, 2.0)
+        c.send({"type": "ping", "id": 1})
+        self.assertEqual(c.recv()["type"], "ack")
+
+    def test_deep_nesting_before_hello(self) -> None:
+        """Before hello the same 100 KB frame is over the 64 KiB hello cap: frame_too_large, close."""
+        c = self.conn()
+        c.send_raw(encode_frame(b"[" * 100_000))
+        self.assertClosedWith(c, "frame_too_large")
+
+    def test_unknown_endpoint(self) -> None:
+        """An unknown endpoint gets an error response with code unknown_endpoint."""
+        c = self.conn(True)
+        reply = c.request("no_such_endpoint")
+        self.assertEqual((reply["status"], reply["code"]), ("error", "unknown_endpoint"))
+
+    def test_per_ip_cap(self) -> None:
+        """With the default cap (64) the 65th connection from one IP gets rate_limited; others still work."""
+        held = []
+        for i in range(64):
+            held.append(self.conn(source="127.0.0.5"))
+            held[-1].hello(role="client", device_id=f"cap-{i}")
+        extra = self.conn(source="127.0.0.5")
+        self.assertClosedWith(extra, "rate_limited")
+        served(self, self.daemon, device_id="other-ip")
+        held[0].close()
+        # once the hub has seen that close, a slot is free again
+        deadline = time.monotonic() + WAIT_CAP
+        while True:
+            again = self.conn(source="127.0.0.5")
+            again.send({"type": "hello", "proto": 1, "role": "client"})
+            reply = again.recv()
+            if reply["type"] == "welcome" or time.monotonic() > deadline:
+                break
+        self.assertEqual(reply["type"], "welcome")
+
+
+class IdleFloodTests(SynchronousTestCase):
+    """1,000 idle connections: a real client is still served; the hello deadline sheds them all."""
+
+    def test_thousand_idle(self) -> None:
+        """1,000 sockets that never say hello do not stop a good robot; all are closed at hello_timeout."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        need = 2600
+        if soft < need:
+            if hard != resource.RLIM_INFINITY and hard < need:
+                self.skipTest(f"RLIMIT_NOFILE hard limit {hard} < {need}")
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        d = start_daemon(
+            self,
+            faces=("botlink",),
+            store=False,
+            env={"ROBONET_BOTLINK_MAX_PER_IP": "2000", "ROBONET_BOTLINK_HELLO_TIMEOUT": "3"},
+        )
+        control = RawConn(d.ports["botlink"])
+        self.addCleanup(control.close)
+        control.hello(role="client", device_id="control")
+        idle = []
+        for i in range(1000):
+            c = RawConn(d.ports["botlink"])
+            self.addCleanup(c.close)
+            idle.append(c)
+            if i % 40 == 39:
+                # a round trip lets the daemon accept the queued connections: Twisted's default
+                # listen backlog is 50, and a full accept queue costs a 1 s SYN retransmit
+                control.send({"type": "ping", "id": i})
+                control.recv_type("ack")
+        started = time.monotonic()
+        served(self, d)
+        self.assertLess(time.monotonic() - started, 2.0)
+        # every idle socket gets the hello-deadline error and EOF
+        sel = selectors.DefaultSelector()
+        self.addCleanup(sel.close)
+        for c in idle:
+            sel.register(c.sock, selectors.EVENT_READ, c)
+        remaining = len(idle)
+        deadline = time.monotonic() + 15
+        while remaining and time.monotonic() < deadline:
+            for key, _ in sel.select(1.0):
+                if key.data.sock.recv(65536) == b"":
+                    sel.unregister(key.fileobj)
+                    remaining -= 1
+        self.assertEqual(remaining, 0)
+        stats = control.request("stats")["data"]
+        self.assertEqual(stats["connections"]["botlink"], 1)
+        self.assertGreaterEqual(stats["errors"]["bad_hello"], 1000)
+        self.assertTrue(d.alive())
