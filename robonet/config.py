@@ -120,6 +120,20 @@ def _str_list(value: Any, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(desc: str) -> str:
+    """Give a ``tcp:``/``ssl:`` listen description a deep accept backlog unless it sets one.
+
+    Twisted's default (50) makes a burst of connects wait for SYN retries (1 s each).
+    """
+    kind = desc.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in desc:
+        return f"{desc}:backlog={LISTEN_BACKLOG}"
+    return desc
+
+
 def _listen(value: Any, key: str) -> tuple[str, ...]:
     """A listen key: one endpoint string or a list of them; ``none`` (or ``[]``) disables the face."""
     if isinstance(value, str) and "," not in value and not value.strip().startswith("["):

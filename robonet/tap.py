@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 import robonet
-from robonet.config import LOG_LEVELS, Config, ConfigError, load_config
+from robonet.config import LOG_LEVELS, Config, ConfigError, load_config, with_backlog
 
 log = Logger(namespace="robonet.tap")
 
@@ -164,7 +164,7 @@ def build_service(config: Config, reactor: Any, *, demo: bool = False) -> MultiS
     def serve(face: str, descs: tuple[str, ...] | list[str], factory: Any) -> None:
         hub.faces[face] = list(descs)
         for desc in descs:
-            svc: IService = strports.service(desc, factory, reactor=reactor)
+            svc: IService = strports.service(with_backlog(desc), factory, reactor=reactor)
             svc.setServiceParent(top)
 
     if config.botlink.listen:

@@ -222,6 +222,14 @@ class HelloTests(SynchronousTestCase):
         self.assertIsNone(self.hub.registry.get("r"))
         self.assertEqual(self.hub.stats.errors.get("proto_unsupported"), 1)
 
+    def test_proto_must_be_integer_one(self) -> None:
+        """proto true or 1.0 is not the integer 1: proto_unsupported and close."""
+        for proto in (True, 1.0, "1"):
+            w = Wire(self.factory)
+            w.send({"type": "hello", "proto": proto, "role": "robot", "device_id": "r"})
+            self.assertEqual(w.one()["code"], "proto_unsupported")
+            self.assertTrue(w.closed)
+
     def test_bad_role(self) -> None:
         """A hello with an unknown role gets bad_hello and close."""
         w = Wire(self.factory)
@@ -328,6 +336,15 @@ class AuthTests(SynchronousTestCase):
         self.assertTrue(w.closed)
         self.assertEqual(self.hub.registry.devices(), [])
         self.assertNotIn("telemetry", self.hub.stats.msgs_in)
+
+    def test_garbage_before_hello_unauthorized(self) -> None:
+        """With auth on, invalid JSON or a non-object before hello is refused and closed, not kept open."""
+        for payload in (b"\xff\xfe", b"[1]", b"null"):
+            w = Wire(self.factory)
+            w.raw(encode_frame(payload))
+            err = w.one()
+            self.assertEqual((err["code"], err["ref"]), ("unauthorized", None))
+            self.assertTrue(w.closed)
 
     def test_command_before_hello_unauthorized(self) -> None:
         """A command before hello is refused with unauthorized and never reaches a robot."""

@@ -336,13 +336,25 @@ class BotLinkProtocol(Protocol):
             if obj is not None:
                 self._peer.frame_received(obj, payload)
             return
-        obj = self._decode(payload)
-        if obj is None:
-            return
+        guarded = self.factory.auth.mode == "token" and self.ip not in self.cfg.legacy_names
+        if guarded:  # with auth on, anything but a hello before the welcome is refused
+            try:
+                obj = _loads(payload)
+            except _JSONError:
+                obj = None
+            if obj.__class__ is not dict or obj.get("type") != "hello":
+                self.hub.stats.error("unauthorized")
+                ref = _id(obj) if obj.__class__ is dict else None
+                self.close_with_error("unauthorized", "send hello with a token first", ref)
+                return
+        else:
+            obj = self._decode(payload)
+            if obj is None:
+                return
         if obj.get("type") == "hello":
             self._hello(obj)
             return
-        if self.factory.auth.mode == "token" and self.ip not in self.cfg.legacy_names:
+        if guarded:
             self.hub.stats.error("unauthorized")
             self.close_with_error("unauthorized", "send hello with a token first", _id(obj))
             return
@@ -368,7 +380,7 @@ class BotLinkProtocol(Protocol):
             self._decoder.max_frame = self.cfg.max_frame
             self._peer = acceptor.accept(self, obj)
             return
-        if proto != robonet.PROTO_VERSION:
+        if proto.__class__ is not int or proto != robonet.PROTO_VERSION:
             self.hub.stats.error("proto_unsupported")
             self.close_with_error("proto_unsupported", f"proto {proto!r} is not supported; use 1")
             return
