@@ -9,6 +9,8 @@ legacy Cartobot 8-byte ACK share it).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import struct
 import uuid
 from collections import deque
@@ -132,6 +134,7 @@ class FrameDecoder:
 _loads = orjson.loads
 _JSONError = orjson.JSONDecodeError
 MAX_ID = 2**53
+_EPSILON = 1e-6  # s: float slack when comparing a deadline with the clock
 HEARTBEAT_S = 10
 ROLES = ("robot", "client", "peer")
 LEGACY_COMMANDS = ("movement_instruction", "trial_response")
@@ -148,6 +151,12 @@ class BotLinkProtocol(Protocol):
 
     face = "botlink"
     log = Logger()
+    # Slots keep an idle connection small (PERFORMANCE.md lever 5); Protocol's own attributes too.
+    __slots__ = (
+        "factory", "transport", "connected", "hub", "cfg", "clock", "ip", "address", "mode", "device",
+        "device_id", "closing", "_decoder", "_pre", "_out", "_last_rx", "_now", "acks_out",
+        "_hello_timer", "_next_id", "_pending", "_wait_batch", "_wait_acks", "_peer", "_legacy",
+    )
 
     def __init__(self, factory: BotLinkFactory, address: IAddress | None) -> None:
         self.factory = factory
@@ -167,9 +176,8 @@ class BotLinkProtocol(Protocol):
         self._now = 0.0
         self.acks_out = 0
         self._hello_timer: IDelayedCall | None = None
-        self._idle_timer: IDelayedCall | None = None
         self._next_id = 0
-        self._pending: dict[int, tuple[defer.Deferred[Any], IDelayedCall]] = {}
+        self._pending: dict[int, tuple[defer.Deferred[Any], IDelayedCall]] | None = None
         self._wait_batch: Any = None
         self._wait_acks: list[tuple[int, int]] | None = None
         self._peer: Any = None
@@ -182,17 +190,18 @@ class BotLinkProtocol(Protocol):
         now = self.clock.seconds()
         self._last_rx = now
         self._hello_timer = self.clock.callLater(self.cfg.hello_timeout, self._hello_expired)
-        self._idle_timer = self.clock.callLater(self.cfg.idle_timeout, self._idle_check)
+        self.factory.idle.watch(self, now + self.cfg.idle_timeout)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
         self.closing = True
         self.hub.stats.connection("botlink", -1)
         self.factory.released(self.ip)
-        for timer in (self._hello_timer, self._idle_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._hello_timer = self._idle_timer = None
-        pending, self._pending = self._pending, {}
+        if not self.factory.per_ip:
+            self.factory.idle.clear()
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        self._hello_timer = None
+        pending, self._pending = self._pending or {}, None
         for d, timer in pending.values():
             if timer.active():
                 timer.cancel()
@@ -210,13 +219,13 @@ class BotLinkProtocol(Protocol):
             self.hub.stats.error("bad_hello")
             self.close_with_error("bad_hello", f"no hello within {self.cfg.hello_timeout:g} s")
 
-    def _idle_check(self) -> None:
-        self._idle_timer = None
+    def idle_check(self, now: float) -> None:
+        """Called by the factory's IdleWatch at this connection's deadline: close, or watch again."""
         if self.closing:
             return
-        left = self._last_rx + self.cfg.idle_timeout - self.clock.seconds()
-        if left > 0:
-            self._idle_timer = self.clock.callLater(left, self._idle_check)
+        deadline = self._last_rx + self.cfg.idle_timeout
+        if deadline - now > _EPSILON:
+            self.factory.idle.watch(self, deadline)
             return
         self.hub.stats.error("idle_timeout")
         self.close_with_error("idle_timeout", f"no frame for {self.cfg.idle_timeout:g} s")
@@ -497,7 +506,7 @@ class BotLinkProtocol(Protocol):
     def _on_ack(self, obj: dict[str, Any], mid: int | None, payload: bytes) -> None:
         self.hub.stats.count_in("ack")
         ref = obj.get("id")
-        entry = self._pending.pop(ref, None) if isinstance(ref, int) else None
+        entry = self._pending.pop(ref, None) if isinstance(ref, int) and self._pending else None
         if entry is None:
             return
         d, timer = entry
@@ -508,7 +517,7 @@ class BotLinkProtocol(Protocol):
     def _on_remote_error(self, obj: dict[str, Any], mid: int | None, payload: bytes) -> None:
         self.hub.stats.count_in("error")
         ref = obj.get("ref")
-        entry = self._pending.pop(ref, None) if isinstance(ref, int) else None
+        entry = self._pending.pop(ref, None) if isinstance(ref, int) and self._pending else None
         if entry is None:
             return
         d, timer = entry
@@ -597,11 +606,13 @@ class BotLinkProtocol(Protocol):
         self._send(encode_obj(body))
         d: defer.Deferred[Any] = defer.Deferred()
         timer = self.clock.callLater(self.cfg.ack_timeout, self._ack_timeout, cid)
+        if self._pending is None:
+            self._pending = {}
         self._pending[cid] = (d, timer)
         return d
 
     def _ack_timeout(self, cid: int) -> None:
-        entry = self._pending.pop(cid, None)
+        entry = self._pending.pop(cid, None) if self._pending else None
         if entry is not None:
             entry[0].errback(
                 HubError(
@@ -798,6 +809,50 @@ class _Refuse(Protocol):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
 
+class IdleWatch:
+    """One reactor timer for every connection's idle deadline, instead of a DelayedCall each.
+
+    Connections register ``(deadline, proto)`` once per idle period (not per frame); the timer fires
+    at the earliest deadline and calls ``proto.idle_check(now)`` for each one due, which closes the
+    connection or watches it again at its new deadline.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._heap: list[tuple[float, int, BotLinkProtocol]] = []
+        self._seq = itertools.count()
+        self._call: IDelayedCall | None = None
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def watch(self, proto: BotLinkProtocol, deadline: float) -> None:
+        """Call ``proto.idle_check(now)`` once ``deadline`` (hub time, s) has come."""
+        heapq.heappush(self._heap, (deadline, next(self._seq), proto))
+        call = self._call
+        if call is None:
+            self._call = self.clock.callLater(max(0.0, deadline - self.clock.seconds()), self._fire)
+        elif deadline < call.getTime():
+            call.reset(max(0.0, deadline - self.clock.seconds()))
+
+    def clear(self) -> None:
+        """Forget every deadline (no connection is left)."""
+        self._heap.clear()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _fire(self) -> None:
+        self._call = None
+        heap = self._heap
+        now = self.clock.seconds()
+        while heap and heap[0][0] - now <= _EPSILON:
+            _, _, proto = heapq.heappop(heap)
+            proto.idle_check(now)
+        if heap and self._call is None:
+            self._call = self.clock.callLater(max(0.0, heap[0][0] - now), self._fire)
+
+
 class BotLinkFactory(ServerFactory):
     """Serves the bot link (``[botlink] listen``) for one hub; enforces ``max_per_ip``."""
 
@@ -812,6 +867,7 @@ class BotLinkFactory(ServerFactory):
         self.auth = auth or AuthConfig()
         self.per_ip: dict[str, int] = {}
         self.legacy: dict[str, LegacyDevice] = {}
+        self.idle = IdleWatch(clock)
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         ip = getattr(addr, "host", "?")
@@ -823,6 +879,10 @@ class BotLinkFactory(ServerFactory):
             return refuse
         self.per_ip[ip] = n + 1
         return BotLinkProtocol(self, addr)
+
+    def stopFactory(self) -> None:
+        """The last listening port closed: drop the idle timer."""
+        self.idle.clear()
 
     def released(self, ip: str) -> None:
         """A connection from ``ip`` closed."""
