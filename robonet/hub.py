@@ -235,8 +235,9 @@ class Hub(Service):
         """Take one data message from ``device``: the hot path, O(1) per subscriber.
 
         Updates the device's latest values, counts it, runs the type's callbacks, appends it to the
-        store (all but bulk types such as video_frame) and offers it to every subscriber. Returns the store's Batch (ack the sender only once
-        ``batch.when_committed`` fires) or None when there is nothing to wait for.
+        store (all but bulk types such as video_frame) and offers it to every subscriber. Returns the
+        store's Batch (ack the sender only once ``batch.when_committed`` fires) or None when there is
+        nothing to wait for.
         """
         mtype = msg.type
         body = msg.body

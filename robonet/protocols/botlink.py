@@ -153,9 +153,31 @@ class BotLinkProtocol(Protocol):
     log = Logger()
     # Slots keep an idle connection small (PERFORMANCE.md lever 5); Protocol's own attributes too.
     __slots__ = (
-        "factory", "transport", "connected", "hub", "cfg", "clock", "ip", "address", "mode", "device",
-        "device_id", "closing", "_decoder", "_pre", "_out", "_last_rx", "_now", "acks_out",
-        "_hello_timer", "_next_id", "_pending", "_wait_batch", "_wait_acks", "_peer", "_legacy",
+        "factory",
+        "transport",
+        "connected",
+        "hub",
+        "cfg",
+        "clock",
+        "ip",
+        "address",
+        "mode",
+        "device",
+        "device_id",
+        "closing",
+        "_decoder",
+        "_pre",
+        "_out",
+        "_last_rx",
+        "_now",
+        "acks_out",
+        "_hello_timer",
+        "_next_id",
+        "_pending",
+        "_wait_batch",
+        "_wait_acks",
+        "_peer",
+        "_legacy",
     )
 
     def __init__(self, factory: BotLinkFactory, address: IAddress | None) -> None:

@@ -1001,8 +1001,8 @@ class LineLinkFactory(ServerFactory):
     """Serves the line link (spec/linelink.md); the daemon listens with it on every ``line.listen``.
 
     ``hub`` is the shared :class:`~robonet.hub.Hub`, ``config`` the :class:`~robonet.config.Config`
-    (``line.max_line``, ``line.max_clients``, ``line.idle_timeout``, ``line.text_replies``; ``botlink.hello_timeout`` (first-line
-    deadline), ``ack_timeout``, ``max_per_ip``; ``auth``), ``clock`` an IReactorTime.
+    (``line.max_line``, ``max_clients``, ``idle_timeout``, ``text_replies``; ``botlink.hello_timeout``
+    (first-line deadline), ``ack_timeout``, ``max_per_ip``; ``auth``), ``clock`` an IReactorTime.
     ``text_replies`` maps exact LabAuto text lines to built-in one-line answers used while no ``text``
     endpoint is registered (default ``line.text_replies``).
     """

@@ -71,6 +71,8 @@ INSERT_CHUNK = 1000
 def _insert_many(n: int) -> str:
     """``INSERT ... VALUES (...),(...)`` for ``n`` rows."""
     return INSERT.split(" VALUES ")[0] + " VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?)"] * n)
+
+
 COLUMNS = ("id", "device_id", "type", "received_at", "robot_ts", "battery", "cpu", "temperature", "signal")
 SELECT = "SELECT " + ", ".join(COLUMNS) + ", body FROM telemetry"
 
