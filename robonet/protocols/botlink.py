@@ -525,29 +525,29 @@ class BotLinkProtocol(Protocol):
         for mid, _ in acks:
             self._error("internal", "message could not be stored", mid)
 
-    def _on_ack(self, obj: dict[str, Any], mid: int | None, payload: bytes) -> None:
-        self.hub.stats.count_in("ack")
-        ref = obj.get("id")
+    def _take_pending(self, ref: Any) -> defer.Deferred[Any] | None:
+        """The Deferred of our command ``ref`` (its ack timer stopped), or None if unknown."""
         entry = self._pending.pop(ref, None) if isinstance(ref, int) and self._pending else None
         if entry is None:
-            return
+            return None
         d, timer = entry
         if timer.active():
             timer.cancel()
-        d.callback(obj)
+        return d
+
+    def _on_ack(self, obj: dict[str, Any], mid: int | None, payload: bytes) -> None:
+        self.hub.stats.count_in("ack")
+        d = self._take_pending(obj.get("id"))
+        if d is not None:
+            d.callback(obj)
 
     def _on_remote_error(self, obj: dict[str, Any], mid: int | None, payload: bytes) -> None:
         self.hub.stats.count_in("error")
-        ref = obj.get("ref")
-        entry = self._pending.pop(ref, None) if isinstance(ref, int) and self._pending else None
-        if entry is None:
-            return
-        d, timer = entry
-        if timer.active():
-            timer.cancel()
-        code = obj.get("code")
-        code = code if isinstance(code, str) else "internal"
-        d.errback(HubError(code, str(obj.get("message") or code)))
+        d = self._take_pending(obj.get("ref"))
+        if d is not None:
+            code = obj.get("code")
+            code = code if isinstance(code, str) else "internal"
+            d.errback(HubError(code, str(obj.get("message") or code)))
 
     def _on_ping(self, obj: dict[str, Any], mid: int | None, payload: bytes) -> None:
         self.hub.stats.count_in("ping")
