@@ -107,6 +107,7 @@ class Hub(Service):
         self._endpoints: dict[str, Endpoint] = {}
         self._subscribers: list[Subscriber] = []
         self._stats_loop: task.LoopingCall | None = None
+        self.stats_interval = STATS_LOG_INTERVAL
         self.registry.observe(self._on_registry_event)
         for ep_name, fn in (
             ("ping", self._ep_ping),
@@ -122,11 +123,11 @@ class Hub(Service):
     # -- service --
 
     def startService(self) -> None:
-        """Start the once-a-minute stats log line."""
+        """Start the stats log line (every ``stats_interval`` s, default 60)."""
         super().startService()
         self._stats_loop = task.LoopingCall(self._log_stats)
         self._stats_loop.clock = self.clock
-        self._stats_loop.start(STATS_LOG_INTERVAL, now=False)
+        self._stats_loop.start(self.stats_interval, now=False)
 
     def stopService(self) -> defer.Deferred[None] | None:
         """Stop the stats loop."""
@@ -489,11 +490,12 @@ class Hub(Service):
         s = self.stats
         counts = self.device_counts()
         self.log.info(
-            "stats: {online} devices online {by_face}, {msgs_in} msgs in, {msgs_out} out, "
+            "stats: {online} devices online {by_face}, {msgs_in} msgs in {by_type}, {msgs_out} out, "
             "{errors} errors, ack p50 {p50} ms p99 {p99} ms",
             online=counts["online"],
             by_face=counts["by_face"],
             msgs_in=sum(s.msgs_in.values()),
+            by_type=dict(sorted(s.msgs_in.items(), key=lambda kv: -kv[1])[:6]),
             msgs_out=sum(s.msgs_out.values()),
             errors=sum(s.errors.values()),
             p50=s.ack_delay.summary()["p50_ms"],

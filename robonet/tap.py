@@ -214,6 +214,8 @@ def build_service(config: Config, reactor: Any, *, demo: bool = False) -> MultiS
             raise SystemExit("robonet: --demo needs a tcp:PORT bot link listen address")
         from robonet.sim import demo_fleet
 
+        hub.stats_interval = 10.0  # a newcomer should see telemetry flowing without waiting a minute
+
         demo_fleet(reactor, "127.0.0.1", port).setServiceParent(top)
 
     log.info(

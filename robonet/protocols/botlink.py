@@ -879,6 +879,7 @@ class BotLinkFactory(ServerFactory):
     """Serves the bot link (``[botlink] listen``) for one hub; enforces ``max_per_ip``."""
 
     log = Logger()
+    noisy = False
 
     def __init__(
         self, hub: Any, config: BotlinkConfig, clock: IReactorTime, auth: AuthConfig | None = None
