@@ -994,3 +994,36 @@ class StoreBatchTests(SynchronousTestCase):
         self.w.send({"type": "request", "id": 2, "endpoint": "ping"})
         self.assertEqual([f["type"] for f in self.w.frames()], ["ack", "response"])
         self.assertEqual(self.store.rows, [])
+
+
+class IdleWatchTests(SynchronousTestCase):
+    """The factory-wide idle timer (one DelayedCall for all connections' deadlines)."""
+
+    def test_rewatch_does_not_hide_a_nearer_deadline(self) -> None:
+        """When a due connection re-watches far ahead, a connection due a moment later still fires on time."""
+        from robonet.protocols.botlink import IdleWatch
+
+        clock = task.Clock()
+        watch = IdleWatch(clock)
+        fired: list[tuple[str, float]] = []
+
+        class Conn:
+            def __init__(self, name: str, again: float | None) -> None:
+                self.name, self.again = name, again
+
+            def idle_check(self, now: float) -> None:
+                fired.append((self.name, now))
+                if self.again is not None:
+                    watch.watch(self, now + self.again)  # type: ignore[arg-type]
+                    self.again = None
+
+        watch.watch(Conn("a", 30.0), 3.0)  # type: ignore[arg-type]
+        watch.watch(Conn("b", None), 3.5)  # type: ignore[arg-type]
+        clock.advance(3.0)
+        self.assertEqual(fired, [("a", 3.0)])
+        clock.advance(0.5)
+        self.assertEqual(fired, [("a", 3.0), ("b", 3.5)])
+        clock.advance(29.5)
+        self.assertEqual(fired[-1], ("a", 33.0))
+        self.assertEqual(len(watch), 0)
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -171,7 +171,7 @@ class BotLinkProtocol(Protocol):
         "_last_rx",
         "_now",
         "acks_out",
-        "_hello_timer",
+        "_born",
         "_next_id",
         "_pending",
         "_wait_batch",
@@ -197,7 +197,7 @@ class BotLinkProtocol(Protocol):
         self._last_rx = 0.0
         self._now = 0.0
         self.acks_out = 0
-        self._hello_timer: IDelayedCall | None = None
+        self._born = 0.0
         self._next_id = 0
         self._pending: dict[int, tuple[defer.Deferred[Any], IDelayedCall]] | None = None
         self._wait_batch: Any = None
@@ -210,9 +210,8 @@ class BotLinkProtocol(Protocol):
     def connectionMade(self) -> None:
         self.hub.stats.connection("botlink", 1)
         now = self.clock.seconds()
-        self._last_rx = now
-        self._hello_timer = self.clock.callLater(self.cfg.hello_timeout, self._hello_expired)
-        self.factory.idle.watch(self, now + self.cfg.idle_timeout)
+        self._last_rx = self._born = now
+        self.factory.idle.watch(self, now + min(self.cfg.hello_timeout, self.cfg.idle_timeout))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
         self.closing = True
@@ -220,9 +219,6 @@ class BotLinkProtocol(Protocol):
         self.factory.released(self.ip)
         if not self.factory.per_ip:
             self.factory.idle.clear()
-        if self._hello_timer is not None and self._hello_timer.active():
-            self._hello_timer.cancel()
-        self._hello_timer = None
         pending, self._pending = self._pending or {}, None
         for d, timer in pending.values():
             if timer.active():
@@ -235,17 +231,22 @@ class BotLinkProtocol(Protocol):
         if self.device is not None and self.mode == "native":
             self.hub.disconnect(self, self.device_id)
 
-    def _hello_expired(self) -> None:
-        self._hello_timer = None
-        if self.mode is None:
-            self.hub.stats.error("bad_hello")
-            self.close_with_error("bad_hello", f"no hello within {self.cfg.hello_timeout:g} s")
-
     def idle_check(self, now: float) -> None:
-        """Called by the factory's IdleWatch at this connection's deadline: close, or watch again."""
+        """Called by the factory's IdleWatch at this connection's deadline: close, or watch again.
+
+        Until the dialect is known the hello deadline (``hello_timeout`` after connect) applies;
+        always, ``idle_timeout`` after the last complete frame.
+        """
         if self.closing:
             return
         deadline = self._last_rx + self.cfg.idle_timeout
+        if self.mode is None:
+            hello_deadline = self._born + self.cfg.hello_timeout
+            if hello_deadline - now <= _EPSILON:
+                self.hub.stats.error("bad_hello")
+                self.close_with_error("bad_hello", f"no hello within {self.cfg.hello_timeout:g} s")
+                return
+            deadline = min(deadline, hello_deadline)
         if deadline - now > _EPSILON:
             self.factory.idle.watch(self, deadline)
             return
@@ -406,7 +407,6 @@ class BotLinkProtocol(Protocol):
                 self.hub.stats.error("bad_hello")
                 self.close_with_error("bad_hello", "this hub does not accept peer links")
                 return
-            self._cancel_hello_timer()
             self.mode = "peer"
             self._decoder.max_frame = self.cfg.max_frame
             self._peer = acceptor.accept(self, obj)
@@ -437,7 +437,6 @@ class BotLinkProtocol(Protocol):
                 return
         if device_id is None:
             device_id = f"{role}-{uuid.uuid4().hex[:8]}"
-        self._cancel_hello_timer()
         self.mode = "native"
         self.device_id = device_id
         self._decoder.max_frame = self.cfg.max_frame
@@ -462,11 +461,6 @@ class BotLinkProtocol(Protocol):
         self.device = self.hub.connect(
             self, device_id, face="botlink", role=role, address=self.address, name=name, dialect="robonet/1"
         )
-
-    def _cancel_hello_timer(self) -> None:
-        if self._hello_timer is not None and self._hello_timer.active():
-            self._hello_timer.cancel()
-        self._hello_timer = None
 
     def _native(self, payload: bytes) -> None:
         try:
@@ -646,7 +640,6 @@ class BotLinkProtocol(Protocol):
 
     def _enter_legacy(self) -> None:
         self.mode = "legacy"
-        self._cancel_hello_timer()
         self._decoder.max_frame = self.cfg.max_frame
         self._legacy = self.factory.legacy_device(self.ip)
 
@@ -851,11 +844,7 @@ class IdleWatch:
     def watch(self, proto: BotLinkProtocol, deadline: float) -> None:
         """Call ``proto.idle_check(now)`` once ``deadline`` (hub time, s) has come."""
         heapq.heappush(self._heap, (deadline, next(self._seq), proto))
-        call = self._call
-        if call is None:
-            self._call = self.clock.callLater(max(0.0, deadline - self.clock.seconds()), self._fire)
-        elif deadline < call.getTime():
-            call.reset(max(0.0, deadline - self.clock.seconds()))
+        self._arm()
 
     def clear(self) -> None:
         """Forget every deadline (no connection is left)."""
@@ -864,6 +853,17 @@ class IdleWatch:
             self._call.cancel()
         self._call = None
 
+    def _arm(self) -> None:
+        """Keep the one timer set for the earliest deadline in the heap."""
+        if not self._heap:
+            return
+        delay = max(0.0, self._heap[0][0] - self.clock.seconds())
+        call = self._call
+        if call is None:
+            self._call = self.clock.callLater(delay, self._fire)
+        elif self._heap[0][0] < call.getTime():
+            call.reset(delay)
+
     def _fire(self) -> None:
         self._call = None
         heap = self._heap
@@ -871,8 +871,7 @@ class IdleWatch:
         while heap and heap[0][0] - now <= _EPSILON:
             _, _, proto = heapq.heappop(heap)
             proto.idle_check(now)
-        if heap and self._call is None:
-            self._call = self.clock.callLater(max(0.0, heap[0][0] - now), self._fire)
+        self._arm()
 
 
 class BotLinkFactory(ServerFactory):
