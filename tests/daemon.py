@@ -116,7 +116,7 @@ def start_daemon(
     ``ports`` may fix some ports (to restart a daemon on the same ones); ``extra_args`` are added
     after ``robonet``. The working tree's robonet is used (PYTHONPATH = repo root).
     """
-    state = state_dir or Path(testcase.mktemp())
+    state = (state_dir or Path(testcase.mktemp())).resolve()
     state.mkdir(parents=True, exist_ok=True)
     chosen: dict[str, int] = dict(ports or {})
     args = [
