@@ -8,8 +8,10 @@ runs its own daemon with ``max_per_ip`` raised (they all come from 127.0.0.1).
 from __future__ import annotations
 
 import resource
+import select
 import selectors
 import shutil
+import socket
 import struct
 import tempfile
 import time
@@ -240,4 +242,31 @@ class IdleFloodTests(SynchronousTestCase):
         stats = control.request("stats")["data"]
         self.assertEqual(stats["connections"]["botlink"], 1)
         self.assertGreaterEqual(stats["errors"]["bad_hello"], 1000)
+        self.assertTrue(d.alive())
+
+
+class ConnectBurstTests(SynchronousTestCase):
+    """HARDENING.md "all TCP": 500 connects/s for 5 s."""
+
+    def test_connect_burst_fds_return_to_baseline(self) -> None:
+        """2,500 connect-and-close cycles at ~500/s: the daemon keeps serving and its open file
+        descriptors are back to the baseline within 5 s."""
+        d = start_daemon(self, faces=("botlink",), store=False)
+        proc = psutil.Process(d.pid)
+        served(self, d, "before-burst")
+        baseline = proc.num_fds()
+        start = time.monotonic()
+        for i in range(2500):
+            due = start + i / 500.0
+            pause = due - time.monotonic()
+            if pause > 0:
+                select.select([], [], [], pause)
+            with socket.create_connection(("127.0.0.1", d.ports["botlink"]), timeout=5):
+                pass
+        self.assertLess(time.monotonic() - start, 15.0)
+        served(self, d, "after-burst")
+        deadline = time.monotonic() + 5.0
+        while proc.num_fds() > baseline and time.monotonic() < deadline:
+            select.select([], [], [], 0.1)
+        self.assertLessEqual(proc.num_fds(), baseline)
         self.assertTrue(d.alive())
