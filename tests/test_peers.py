@@ -21,18 +21,17 @@ from robonet.hub import Hub
 from robonet.model import Command, HubError, Message
 from robonet.node import NodeIdentity
 from robonet.protocols.botlink import BotLinkFactory, FrameDecoder, encode_obj
-from robonet.registry import Device
-from robonet.services import peers
-from robonet.services.peers import (
-    Dialler,
+from robonet.protocols.peering import (
+    HEARTBEAT_S,
     DiallerHandshake,
     HandshakeError,
-    PeerClientProtocol,
-    PeerService,
+    PeerInfo,
     ResponderHandshake,
     hmac_proof,
-    parse_static,
 )
+from robonet.registry import Device
+from robonet.services.peerlink import Dialler, PeerClientProtocol
+from robonet.services.peers import PeerService, StaticPeer, parse_static
 
 SECRET = "correct horse battery staple"
 NODE_A = NodeIdentity("aaaaaaaa-0000-4000-8000-000000000001", "hub-a", "lab", "0123456789abcdef", "0.1.0")
@@ -164,7 +163,7 @@ class HandshakeTests(unittest.SynchronousTestCase):
         self.assertEqual(hmac_proof("s", "00ff", "node"), expected)
         self.assertNotEqual(hmac_proof("t", "00ff", "node"), expected)
 
-    def run_handshake(self, dialler: DiallerHandshake, responder: ResponderHandshake) -> peers.PeerInfo:
+    def run_handshake(self, dialler: DiallerHandshake, responder: ResponderHandshake) -> PeerInfo:
         challenge = responder.on_hello(dialler.hello())
         proof = dialler.on_challenge(challenge)
         welcome = responder.on_proof(proof)
@@ -261,7 +260,7 @@ class HandshakeTests(unittest.SynchronousTestCase):
 
     def test_parse_static(self) -> None:
         """peers.static entries: host:port, tcp:, ssl: with options, keyword and IPv6 forms."""
-        self.assertEqual(parse_static("10.0.0.2:5100"), peers.StaticPeer("10.0.0.2:5100", "10.0.0.2", 5100))
+        self.assertEqual(parse_static("10.0.0.2:5100"), StaticPeer("10.0.0.2:5100", "10.0.0.2", 5100))
         p = parse_static("ssl:hub.lan:5101:ca=/etc/ca.pem:hostname=hub.example")
         self.assertEqual(
             (p.host, p.port, p.tls, p.ca, p.hostname), ("hub.lan", 5101, True, "/etc/ca.pem", "hub.example")
@@ -545,7 +544,7 @@ class LinkTests(PeerTestCase):
         client, server, pump = self.link(self.a, self.b)
         link = self.a.svc.links[NODE_B.node_id]
         self.assertIsNone(link.rtt_ms)
-        self.clock.advance(peers.HEARTBEAT_S)
+        self.clock.advance(HEARTBEAT_S)
         pump.flush()
         self.assertEqual(link.rtt_ms, 0.0)
         self.assertEqual(link.last_seen, self.clock.seconds())
@@ -558,7 +557,7 @@ class LinkTests(PeerTestCase):
         self.assertEqual((entry["node_id"], entry["state"], entry["name"]), (NODE_B.node_id, "up", "hub-b"))
         # now B goes silent (nothing pumped): A gives up after idle_timeout
         for _ in range(4):
-            self.clock.advance(peers.HEARTBEAT_S)
+            self.clock.advance(HEARTBEAT_S)
         self.assertTrue(client.transport.disconnecting)
 
     def test_bad_frames_after_link(self) -> None:
