@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
+from twisted.logger import Logger
 
 from robonet.model import Link
 
@@ -75,6 +76,8 @@ class Device:
 class Registry:
     """All devices, by id, with device_up / device_down / device_update events to observers."""
 
+    log = Logger()
+
     def __init__(self, max_offline: int = 1000) -> None:
         self._devices: dict[str, Device] = {}
         self._observers: list[Observer] = []
@@ -91,7 +94,14 @@ class Registry:
 
     def _emit(self, event: str, device: Device) -> None:
         for fn in list(self._observers):
-            fn(event, device)
+            try:
+                fn(event, device)
+            except Exception:  # one faulty observer must not stop the others, nor the face
+                self.log.failure(
+                    "registry observer failed on {event} for {device_id}",
+                    event=event,
+                    device_id=device.device_id,
+                )
 
     def connect(
         self,

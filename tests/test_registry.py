@@ -209,3 +209,23 @@ class RegistryTests(SynchronousTestCase):
         self.reg.disconnect("r1", link, 101.0)
         self.connect("r1", FakeLink())
         self.assertEqual((dev.name, dev.status), ("Robot One", "online"))
+
+
+class ObserverIsolationTests(SynchronousTestCase):
+    def test_failing_observer_does_not_stop_others(self) -> None:
+        """An observer that raises is logged; later observers still run and connect() still returns."""
+        from twisted.logger import capturedLogs
+
+        reg = Registry()
+        seen: list[str] = []
+
+        def broken(event: str, dev: Device) -> None:
+            raise RuntimeError("boom")
+
+        reg.observe(broken)
+        reg.observe(lambda event, dev: seen.append(event))
+        with capturedLogs() as events:
+            dev, replaced = reg.connect("r1", face="botlink", role="robot", address="a", link=None, now=1.0)
+        self.assertEqual((dev.device_id, replaced, seen), ("r1", None, ["device_up"]))
+        self.assertTrue(any("registry observer failed" in e.get("log_format", "") for e in events))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
