@@ -1027,3 +1027,61 @@ class IdleWatchTests(SynchronousTestCase):
         self.assertEqual(fired[-1], ("a", 33.0))
         self.assertEqual(len(watch), 0)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class FirstWriteTests(SynchronousTestCase):
+    """The first write of a connection goes straight to a plain TCP socket (idle-connection memory)."""
+
+    def _transport(self, send: Any, tls: bool = False) -> Any:
+        from twisted.internet import tcp
+        from twisted.internet.interfaces import ISSLTransport
+        from zope.interface import alsoProvides
+
+        class Sock:
+            def __init__(self) -> None:
+                self.sent: list[bytes] = []
+
+            def send(self, data: bytes) -> int:
+                return int(send(self, data))
+
+        t = tcp.Connection.__new__(tcp.Connection)
+        t.socket = Sock()
+        t.written = []
+        t.write = t.written.append
+        if tls:
+            alsoProvides(t, ISSLTransport)
+        return t
+
+    def test_whole_send_bypasses_the_buffer(self) -> None:
+        """A send the kernel takes whole never touches transport.write."""
+        from robonet.protocols.botlink import _first_write
+
+        t = self._transport(lambda s, d: s.sent.append(d) or len(d))
+        _first_write(t, b"welcome")
+        self.assertEqual((t.socket.sent, t.written), ([b"welcome"], []))
+
+    def test_partial_send_and_blocking_fall_back_in_order(self) -> None:
+        """What the kernel did not take goes through transport.write, after what it took."""
+        from robonet.protocols.botlink import _first_write
+
+        t = self._transport(lambda s, d: s.sent.append(d[:3]) or 3)
+        _first_write(t, b"welcome")
+        self.assertEqual((t.socket.sent, t.written), ([b"wel"], [b"come"]))
+
+        def blocked(s: Any, d: bytes) -> int:
+            raise BlockingIOError()
+
+        t = self._transport(blocked)
+        _first_write(t, b"welcome")
+        self.assertEqual(t.written, [b"welcome"])
+
+    def test_tls_and_fake_transports_use_write(self) -> None:
+        """TLS transports (and test transports without a socket) always use transport.write."""
+        from robonet.protocols.botlink import _first_write
+
+        t = self._transport(lambda s, d: s.sent.append(d) or len(d), tls=True)
+        _first_write(t, b"welcome")
+        self.assertEqual((t.socket.sent, t.written), ([], [b"welcome"]))
+        st = StringTransport()
+        _first_write(st, b"welcome")
+        self.assertEqual(st.value(), b"welcome")
