@@ -222,10 +222,15 @@ class Hub(Service):
             elif event == "device_down":
                 self.log.info("device {device_id} down ({face})", device_id=dev.device_id, face=dev.face)
         if self._subscribers:
-            record = dev.as_dict()
-            record.pop("latest", None)
             ev = Event(
-                "status", dev.device_id, event, record, self.now(), Priority.CONTROL, dev.hub, dev.name
+                "status",
+                dev.device_id,
+                event,
+                dev.as_dict(latest=False),
+                self.now(),
+                Priority.CONTROL,
+                dev.hub,
+                dev.name,
             )
             for sub in list(self._subscribers):
                 sub.offer(ev)

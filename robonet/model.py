@@ -17,8 +17,6 @@ import orjson
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-# Message types that are commands by default: see config ``hub.commands``.
-RESERVED_KEYS = frozenset(("type", "id", "device_id", "ts", "ref"))
 TELEMETRY_FIELDS = ("battery", "cpu", "temperature", "signal")
 
 

@@ -53,9 +53,12 @@ class Device:
         """True while connected (locally, or via a reachable peer)."""
         return self.status == ONLINE
 
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-able record for dashboards, the REST API and peers (times in Unix seconds)."""
-        return {
+    def as_dict(self, latest: bool = True) -> dict[str, Any]:
+        """JSON-able record for dashboards, the REST API and peers (times in Unix seconds).
+
+        ``latest=False`` leaves out the latest message bodies (status events carry metadata only).
+        """
+        record = {
             "device_id": self.device_id,
             "name": self.name or self.device_id,
             "face": self.face,
@@ -68,9 +71,11 @@ class Device:
             "last_seen": self.last_activity,
             "msgs_in": self.msgs_in,
             "msgs_out": self.msgs_out,
-            "latest": dict(self.latest),
             "latest_at": dict(self.latest_at),
         }
+        if latest:
+            record["latest"] = dict(self.latest)
+        return record
 
 
 class Registry:
@@ -151,7 +156,8 @@ class Registry:
             return None
         dev.status = status
         dev.link = None
-        dev.last_activity = max(dev.last_activity, now) if status == OFFLINE else dev.last_activity
+        if status == OFFLINE:
+            dev.last_activity = max(dev.last_activity, now)
         self._emit("device_down", dev)
         return dev
 
