@@ -407,15 +407,55 @@ class PeersConfig:
     secret: str = _key("", _str)
 
 
+def _cidr_list(value: Any, key: str) -> tuple[str, ...]:
+    import ipaddress
+
+    items = _str_list(value, key)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _fail(key, "a list of CIDR networks such as '203.0.113.0/24'", item) from None
+    return items
+
+
 @attrs.frozen
 class AuthConfig:
-    mode: str = _key("open", _choice("open", "token"))
-    tokens: dict[str, str] = _key(attrs.Factory(dict), _str_table)
+    """``[auth]``: the security model (robonet/auth.py, docs/security.rst)."""
+
+    mode: str = _key(
+        "lan",
+        _choice("lan", "token", "open"),
+        "lan: loopback and legacy dialects from private networks trusted, tokens elsewhere; "
+        "token: a credential everywhere; open: no checks (loud warning)",
+    )
+    tokens: dict[str, str] = _key(
+        attrs.Factory(dict), _str_table, "config-file tokens: {token = role} or role:device-glob,..."
+    )
+    allow: tuple[str, ...] = _key((), _cidr_list, "public networks treated like private ones in lan mode")
+    poll_interval: float = _key(1.0, _POS_NUM, "s between checks of <state_dir>/tokens.json for changes")
+    pairing: bool = _key(True, _bool, "on first start create an admin token and log a pairing URL")
+    pairing_host: str = _key("", _str, "host name in the pairing URL (default: this host's address)")
+    audit_max: int = _key(1000, _POS_INT, "audit entries kept in memory for GET /api/audit")
+    deny_log_interval: float = _key(60.0, _POS_NUM, "s between log lines per denied identity and reason")
+    lease: bool = _key(True, _bool, "control lease per robot for dashboard commands")
+
+
+@attrs.frozen
+class TlsConfig:
+    """``[tls]``: certificates for HTTPS/WSS and ssl: listeners (robonet/tls.py)."""
+
+    mode: str = _key("off", _choice("off", "auto", "files"), "auto: self-signed into <state_dir>/tls")
+    cert: str = _key("", _str, "PEM certificate (chain) for mode = files")
+    key: str = _key("", _str, "PEM private key for mode = files")
+    web_listen: tuple[str, ...] = _key(("ssl:8443",), _listen, "HTTPS/WSS listeners when tls is on")
+    botlink_listen: tuple[str, ...] = _key(("ssl:5101",), _listen, "TLS bot link listeners")
+    line_listen: tuple[str, ...] = _key(("ssl:5556",), _listen, "TLS line link listeners")
 
 
 @attrs.frozen
 class TeleopConfig:
-    deadman_ms: int = _key(0, _NONNEG_INT)
+    deadman_ms: int = _key(500, _NONNEG_INT, "ms without a repeated motion command before a stop; 0: off")
 
 
 @attrs.frozen
@@ -434,6 +474,7 @@ SECTIONS: dict[str, type] = {
     "discovery": DiscoveryConfig,
     "peers": PeersConfig,
     "auth": AuthConfig,
+    "tls": TlsConfig,
     "teleop": TeleopConfig,
     "log": LogConfig,
 }
@@ -452,6 +493,7 @@ class Config:
     discovery: DiscoveryConfig = attrs.Factory(DiscoveryConfig)
     peers: PeersConfig = attrs.Factory(PeersConfig)
     auth: AuthConfig = attrs.Factory(AuthConfig)
+    tls: TlsConfig = attrs.Factory(TlsConfig)
     teleop: TeleopConfig = attrs.Factory(TeleopConfig)
     log: LogConfig = attrs.Factory(LogConfig)
 

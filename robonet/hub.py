@@ -103,6 +103,10 @@ class Hub(Service):
         self.faces: dict[str, list[str]] = {}
         self.peers: Any = None  # the PeerService, when federation runs
         self.peer_acceptor: Any = None  # accepts inbound role=peer hellos on the bot link
+        self.auth: Any = None  # robonet.auth.Auth; None: no authorization (tests, open mode)
+        self.audit: Any = None  # robonet.audit.AuditLog; None: commands are not audited
+        self.leases: Any = None  # robonet.lease.Leases; None: no control lease
+        self._publish_ok: dict[tuple[int, str], Any] = {}  # (id(identity), device_id) -> identity
         self._callbacks: dict[str, list[Callback]] = {}
         self._endpoints: dict[str, Endpoint] = {}
         self._subscribers: list[Subscriber] = []
@@ -186,8 +190,15 @@ class Hub(Service):
         name: str = "",
         hub_id: str = "",
         dialect: str = "",
+        identity: Any = None,
     ) -> Device:
-        """Register ``device_id`` as online on ``link``; an older link with that id gets ``replaced``."""
+        """Register ``device_id`` as online on ``link``; an older link with that id gets ``replaced``.
+
+        With an ``identity`` (robonet.auth.Identity) and auth on, a ``robot`` must be allowed to
+        publish as ``device_id``; else raises robonet.auth.Forbidden before anything changes.
+        """
+        if identity is not None and role == "robot":
+            self.authorize(identity, "publish", device_id, face=face)
         dev, replaced = self.registry.connect(
             device_id,
             face=face,
@@ -208,6 +219,55 @@ class Hub(Service):
     def disconnect(self, link: Link | None, device_id: str, status: str = "offline") -> None:
         """Mark ``device_id`` offline if ``link`` is still its current connection."""
         self.registry.disconnect(device_id, link, self.now(), status)
+        if self.leases is not None:
+            self.release_control(device_id)
+
+    # -- authorization (robonet/auth.py; docs/security.rst) --
+
+    def authorize(
+        self, identity: Any, action: str, target: str = "", mtype: str = "", face: str = ""
+    ) -> None:
+        """The one authorization hook: allow, or raise robonet.auth.Forbidden (counted, logged).
+
+        A no-op when ``identity`` is None or no auth core is attached.
+        """
+        if identity is None or self.auth is None:
+            return
+        try:
+            self.auth.check(identity, action, target, mtype, face)
+        except HubError as e:
+            self.stats.error(e.code)
+            raise
+
+    def release_control(self, holder: str) -> list[str]:
+        """``holder`` (a dashboard or client connection key) went away: drop its control leases and
+        send each of those robots a ``stop`` (origin ``lease``). Returns the robots' ids."""
+        if self.leases is None:
+            return []
+        robots = self.leases.release_holder(holder)
+        for robot in robots:
+            d = self.command({"type": "stop"}, "lease", robot)
+            d.addErrback(lambda _f: None)  # the robot may be gone too
+        return list(robots)
+
+    def take_control(self, device_id: str, holder: str, identity: Any, face: str = "web") -> dict[str, Any]:
+        """Take the control lease of ``device_id`` explicitly (the former holder is notified);
+        requires the command right on that robot. Returns the new lease as a dict."""
+        self.authorize(identity, "command", device_id, "stop", face=face)
+        name = getattr(identity, "name", holder)
+        if self.leases is None:
+            return {"device_id": device_id, "holder": holder, "holder_name": name}
+        old = self.leases.take(device_id, holder, name, self.now())
+        if self.audit is not None:
+            self.audit.record(
+                self.now(),
+                identity,
+                face=face,
+                action="lease_take",
+                target=device_id,
+                outcome="ok" if old is None else f"ok: taken from {old.holder_name}",
+            )
+        return dict(self.leases.holder(device_id).as_dict())
 
     def _on_registry_event(self, event: str, dev: Device) -> None:
         if dev.hub == "":
@@ -237,14 +297,22 @@ class Hub(Service):
 
     # -- data --
 
-    def ingest(self, device: Device, msg: Message) -> Any:
+    def ingest(self, device: Device, msg: Message, identity: Any = None) -> Any:
         """Take one data message from ``device``: the hot path, O(1) per subscriber.
 
         Updates the device's latest values, counts it, runs the type's callbacks, appends it to the
         store (all but bulk types such as video_frame) and offers it to every subscriber. Returns the
         store's Batch (ack the sender only once ``batch.when_committed`` fires) or None when there is
-        nothing to wait for.
+        nothing to wait for. With an ``identity`` it must be allowed to publish as the device
+        (checked once per identity and device, then a dict lookup); raises Forbidden otherwise.
         """
+        if identity is not None and self.auth is not None:
+            key = (id(identity), device.device_id)
+            if self._publish_ok.get(key) is not identity:
+                self.authorize(identity, "publish", device.device_id, face=device.face)
+                if len(self._publish_ok) > 65536:
+                    self._publish_ok.clear()
+                self._publish_ok[key] = identity
         mtype = msg.type
         body = msg.body
         at = msg.received_at
@@ -289,7 +357,13 @@ class Hub(Service):
     # -- commands --
 
     def command(
-        self, body: dict[str, Any], origin: str, target: str | None = None
+        self,
+        body: dict[str, Any],
+        origin: str,
+        target: str | None = None,
+        identity: Any = None,
+        face: str = "",
+        address: str = "",
     ) -> defer.Deferred[list[str]]:
         """Route a command to robot ``target`` (or to every online robot when None).
 
@@ -298,12 +372,85 @@ class Hub(Service):
         HubError ``unknown_command`` (T not in ``hub.commands``), ``device_offline`` (unknown or
         offline target) or the link's error (``delivery_timeout``, ...). A broadcast fails only if
         every robot failed; with no robot online it fires with ``[]``.
+
+        With an ``identity`` (robonet.auth.Identity) the command is authorized first (Forbidden:
+        code ``forbidden``), and a dashboard's command (``face`` web) must hold the robot's control
+        lease (taken implicitly when free; reason ``lease_held`` otherwise; a stop always passes).
+        Every command is recorded in the audit log when one is attached.
         """
         try:
             cmd_type, fields = self._normalise(body)
         except HubError as e:
             self.stats.error(e.code)
             return defer.fail(e)
+        audit = self.audit
+        if identity is None and audit is None:
+            return self._route_command(cmd_type, fields, origin, target)
+        try:
+            self._authorize_command(identity, origin, target, cmd_type, face)
+        except HubError as e:
+            if audit is not None:
+                reason = getattr(e, "reason", e.code)
+                self._audit_command(identity, origin, face, address, target, cmd_type, f"denied:{reason}")
+            return defer.fail(e)
+        d = self._route_command(cmd_type, fields, origin, target)
+        if audit is None:
+            return d
+
+        def done(result: Any) -> Any:
+            outcome = "ok"
+            if isinstance(result, Failure):
+                err = result.value
+                outcome = "error:" + (err.code if isinstance(err, HubError) else "internal")
+            self._audit_command(identity, origin, face, address, target, cmd_type, outcome)
+            return result
+
+        return d.addBoth(done)
+
+    def _authorize_command(
+        self, identity: Any, origin: str, target: str | None, cmd_type: str, face: str
+    ) -> None:
+        if identity is None or self.auth is None:
+            return
+        self.authorize(identity, "command", target or "*", cmd_type, face=face)
+        if self.leases is not None and face == "web" and target and cmd_type != "stop":
+            from robonet.lease import LeaseHeld
+
+            try:
+                self.leases.check(target, origin, identity.name, self.now())
+            except LeaseHeld as e:
+                self.stats.error("forbidden")
+                self.auth.authorizer.deny(identity, "lease_held", face, str(e))
+
+    def _audit_command(
+        self,
+        identity: Any,
+        origin: str,
+        face: str,
+        address: str,
+        target: str | None,
+        cmd_type: str,
+        outcome: str,
+    ) -> None:
+        who = identity
+        if who is None:
+            from robonet.auth import Identity
+
+            who = Identity(origin, "", frozenset(), source="unknown")
+        self.audit.record(
+            self.now(),
+            who,
+            face=face,
+            address=address,
+            action="command",
+            target=target or "*",
+            mtype=cmd_type,
+            outcome=outcome,
+        )
+
+    def _route_command(
+        self, cmd_type: str, fields: dict[str, Any], origin: str, target: str | None
+    ) -> defer.Deferred[list[str]]:
         m = self.stats.msgs_in
         m[cmd_type] = m.get(cmd_type, 0) + 1
         if target is not None:
@@ -387,11 +534,19 @@ class Hub(Service):
 
     # -- requests --
 
-    def request(self, endpoint: str, data: Any, origin: str) -> defer.Deferred[Any]:
+    def request(
+        self, endpoint: str, data: Any, origin: str, identity: Any = None, face: str = ""
+    ) -> defer.Deferred[Any]:
         """Call endpoint ``endpoint`` with ``data``; fails with HubError ``unknown_endpoint``.
 
         A handler exception becomes HubError ``internal`` carrying the exception's text (logged).
+        With an ``identity`` it must hold the request right (or read, for the read-only built-ins).
         """
+        if identity is not None:
+            try:
+                self.authorize(identity, "request", endpoint, endpoint, face=face)
+            except HubError as e:
+                return defer.fail(e)
         m = self.stats.msgs_in
         m["request"] = m.get("request", 0) + 1
         fn = self._endpoints.get(endpoint)

@@ -160,6 +160,7 @@ def build_service(config: Config, reactor: Any, *, demo: bool = False) -> MultiS
 
     hub = Hub(config, reactor, store=store, node=node)
     hub.setServiceParent(top)
+    config = setup_security(config, hub, reactor, top)
 
     def serve(face: str, descs: tuple[str, ...] | list[str], factory: Any) -> None:
         hub.faces[face] = list(descs)
@@ -226,3 +227,130 @@ def build_service(config: Config, reactor: Any, *, demo: bool = False) -> MultiS
         state=str(state),
     )
     return top
+
+
+def setup_security(config: Config, hub: Any, reactor: Any, top: MultiService) -> Config:
+    """Attach the auth core, audit log and control leases to ``hub`` (docs/security.rst); on a
+    first start create the admin token and log the pairing URL; with ``[tls]`` on, make sure a
+    certificate exists and add the ``ssl:`` listeners. Returns the config with those listeners."""
+    import attrs
+
+    from robonet.audit import AuditLog
+    from robonet.auth import Auth
+    from robonet.lease import Leases
+    from robonet.tokens import TokenError, TokenStore
+
+    state = config.state_path
+    try:
+        store = TokenStore(state, config.auth.tokens)
+    except TokenError as e:
+        sys.stderr.write(f"robonet: invalid configuration: {e}\n")
+        raise SystemExit(2) from None
+    first_start = not store.exists
+    audit = AuditLog(config.auth.audit_max)
+    auth = Auth(
+        config.auth.mode,
+        store,
+        reactor,
+        allow=config.auth.allow,
+        poll_interval=config.auth.poll_interval,
+        audit=audit,
+    )
+    auth.authorizer.log_interval = config.auth.deny_log_interval
+    auth.setServiceParent(top)
+    hub.auth, hub.audit = auth, audit
+    if config.auth.lease:
+        hub.leases = Leases()
+    if config.auth.mode == "open":
+        for line in (
+            "#" * 72,
+            "auth.mode = open: ANYONE who can reach this hub may drive every robot, change",
+            "camera settings and read all history. Use mode = lan (default) or token.",
+            "#" * 72,
+        ):
+            log.critical("{line}", line=line)
+    tls_url = ""
+    if config.tls.mode != "off":
+        config, tls_url = _setup_tls(config, attrs)
+    if first_start and config.auth.pairing and config.auth.mode != "open":
+        rec, token = store.add("admin", "admin", reactor.seconds())
+        audit.record(reactor.seconds(), None, face="hub", action="token_add", target=rec.name, outcome="ok")
+        _log_pairing(config, token, tls_url)
+    return config
+
+
+def _pairing_url(config: Config, token: str, tls_url: str) -> str:
+    host = config.auth.pairing_host or config.hub.name or "localhost"
+    if tls_url:
+        return f"{tls_url.replace('HOST', host)}/#token={token}"
+    port = next((p for p in map(_tcp_port, config.web.listen) if p), 8000)
+    return f"http://{host}:{port}/#token={token}"
+
+
+def _log_pairing(config: Config, token: str, tls_url: str) -> None:
+    url = _pairing_url(config, token, tls_url)
+    local = url.replace(f"//{config.auth.pairing_host or config.hub.name or 'localhost'}:", "//localhost:", 1)
+    qr_text = ""
+    try:
+        import io
+
+        import qrcode
+
+        qr = qrcode.QRCode(border=1)
+        qr.add_data(url)
+        buf = io.StringIO()
+        qr.print_ascii(out=buf)
+        qr_text = buf.getvalue()
+    except Exception:  # no terminal QR code is no reason not to start
+        qr_text = ""
+    log.warn(
+        "first start: created the admin token. Pair a dashboard by opening (shown only once):\n"
+        "  {url}\n  (on this machine: {local})\n{qr}"
+        "Manage tokens with: robonet token list|add|revoke --state-dir {state}",
+        url=url,
+        local=local,
+        qr=qr_text,
+        state=str(config.state_path),
+    )
+
+
+def _setup_tls(config: Config, attrs: Any) -> tuple[Config, str]:
+    import datetime
+
+    from robonet.tls import ensure_self_signed, fingerprint, ssl_listen
+
+    if config.tls.mode == "files":
+        if not config.tls.cert or not config.tls.key:
+            sys.stderr.write(
+                "robonet: invalid configuration: tls.cert and tls.key are needed for mode = files\n"
+            )
+            raise SystemExit(2)
+        cert, key = config.tls.cert, config.tls.key
+    else:
+        now = datetime.datetime.now(datetime.UTC)
+        cert_path, key_path, created = ensure_self_signed(config.state_path, config.hub.name, now)
+        cert, key = str(cert_path), str(key_path)
+        if created:
+            log.info("tls: created a self-signed certificate in {path}", path=str(cert_path))
+    try:
+        fp = fingerprint(open(cert, "rb").read())
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"robonet: invalid configuration: tls.cert: cannot read {cert}: {e}\n")
+        raise SystemExit(2) from None
+    log.info("tls: certificate SHA-256 fingerprint {fingerprint}", fingerprint=fp)
+
+    def extra(listens: tuple[str, ...], tls_listens: tuple[str, ...]) -> tuple[str, ...]:
+        return (
+            tuple(listens) + tuple(ssl_listen(d, cert, key) for d in tls_listens)
+            if listens
+            else tuple(listens)
+        )
+
+    config = attrs.evolve(
+        config,
+        web=attrs.evolve(config.web, listen=extra(config.web.listen, config.tls.web_listen)),
+        botlink=attrs.evolve(config.botlink, listen=extra(config.botlink.listen, config.tls.botlink_listen)),
+        line=attrs.evolve(config.line, listen=extra(config.line.listen, config.tls.line_listen)),
+    )
+    m = re.match(r"^ssl:(?:port=)?(\d+)", config.tls.web_listen[0]) if config.tls.web_listen else None
+    return config, (f"https://HOST:{m.group(1)}" if m else "")

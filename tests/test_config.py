@@ -30,6 +30,8 @@ CHOICES = {
     ("camera", "pipeline"): "test",
     ("store", "synchronous"): "full",
     ("auth", "mode"): "token",
+    ("auth", "allow"): ("203.0.113.0/24", "2001:db8::/32"),
+    ("tls", "mode"): "auto",
     ("peers", "forward"): ("telemetry", "status"),
     ("hub", "state_dir"): "/srv/robonet-state",
 }
@@ -198,8 +200,8 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(
             (p.auto, p.static, p.require_same_hash, p.forward, p.secret), (True, (), False, "all", "")
         )
-        self.assertEqual((c.auth.mode, c.auth.tokens), ("open", {}))
-        self.assertEqual(c.teleop.deadman_ms, 0)
+        self.assertEqual((c.auth.mode, c.auth.tokens), ("lan", {}))
+        self.assertEqual(c.teleop.deadman_ms, 500)
         self.assertEqual((c.log.level, c.log.json_file), ("info", ""))
 
     def test_state_dir_defaults(self) -> None:

@@ -912,8 +912,9 @@ class DeadmanTests(unittest.SynchronousTestCase):
         self.assertEqual(robot.take(), [])
 
     def test_deadman_off_by_default(self) -> None:
-        """Without teleop.deadman_ms nothing is sent while the driver stays connected."""
-        relay = Relay(self)
+        """With teleop.deadman_ms = 0 (off; the default is 500) nothing is sent while the driver
+        stays connected."""
+        relay = Relay(self, teleop={"deadman_ms": 0})
         robot = relay.robot()
         site = relay.website()
         site.send_obj({"type": "robot_move", "x": 1, "y": 0})

@@ -49,6 +49,7 @@ from robonet.config import Config, with_backlog
 from robonet.hub import Hub
 from robonet.model import TELEMETRY_FIELDS, HubError
 from robonet.protocols.websocket import EchoFactory, RelayFactory
+from robonet.services.web_auth import auth_resources, read_allowed
 
 STATIC_DIR = Path(robonet.web.__file__).resolve().parent / "static"
 # twisted.web's idle timeout for kept-alive connections between requests (its default is 12 h).
@@ -206,7 +207,7 @@ class JsonResource(Resource):
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             return json_error(request, 405, "method not allowed")
-        if not token_ok(self.config, request):
+        if not read_allowed(self.config, self.hub, request):
             self.hub.stats.error("unauthorized")
             return json_error(request, 401, "unauthorized: a valid ?token= is required")
         try:
@@ -430,6 +431,17 @@ class HubCollector(Collector):
                 "Bytes held in dashboard send queues",
                 value=sum(m.queue.queued_bytes for m in members.values() if m.queue is not None),
             )
+        auth = getattr(hub, "auth", None)
+        if auth is not None:
+            denied = CounterMetricFamily(
+                "robonet_auth_denied", "Refused logins and denied actions", labels=["face", "reason"]
+            )
+            for (face, reason), n in sorted(auth.authorizer.denied.items()):
+                denied.add_metric([face, reason], n)
+            yield denied
+            yield GaugeMetricFamily(
+                "robonet_auth_sessions", "Live token sessions", value=auth.sessions.count()
+            )
         store = hub.store
         stats_fn = getattr(store, "stats", None) if store is not None else None
         if callable(stats_fn):
@@ -457,7 +469,7 @@ class MetricsResource(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         """Render every metric."""
-        if not token_ok(self.config, request):
+        if not read_allowed(self.config, self.hub, request):
             self.hub.stats.error("unauthorized")
             return json_error(request, 401, "unauthorized: a valid ?token= is required")
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
@@ -677,6 +689,8 @@ def make_site(
     api.putChild(b"battery-history", BatteryHistoryResource(config, hub))
     api.putChild(b"stats", HubRequestResource(config, hub, "stats"))
     api.putChild(b"peers", HubRequestResource(config, hub, "peer_list", fallback={"peers": []}))
+    for child, auth_resource in auth_resources(config, hub).items():  # docs/security.rst
+        api.putChild(child.encode(), auth_resource)
     root.putChild(b"api", api)
     root.putChild(b"metrics", MetricsResource(config, hub, relay))
     root.putChild(b"healthz", HealthResource(hub))
