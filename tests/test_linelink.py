@@ -834,7 +834,7 @@ class LimitTests(SynchronousTestCase):
         c.dataReceived(b"hello\n")
         self.assertEqual(ctr.value(), SERVER_FULL)
         rig.drop(c)
-        self.assertEqual(rig.factory.client_count, 2)
+        self.assertEqual(len(rig.factory.connections), 2)
         rig.drop(a)
         d, dtr = rig.connect()
         d.dataReceived(b"hello\n")
@@ -943,7 +943,7 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(rig.hub.stats.connections["line"], 1)
         rig.drop(proto)
         self.assertEqual(rig.hub.stats.connections["line"], 0)
-        self.assertEqual(rig.factory.client_count, 0)
+        self.assertEqual(len(rig.factory.connections), 0)
 
 
 class BadInputTests(SynchronousTestCase):
