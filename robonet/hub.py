@@ -247,6 +247,10 @@ class Hub(Service):
             for sub in list(self._subscribers):
                 sub.offer(ev)
 
+    def touch(self, device: Device, now: float) -> None:
+        """``device`` showed activity without data (e.g. a Cartobot poll): its last_seen moves to ``now``."""
+        device.last_activity = max(device.last_activity, now)
+
     # -- data --
 
     def ingest(self, device: Device, msg: Message) -> Any:

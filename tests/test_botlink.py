@@ -918,7 +918,7 @@ class ReplaceAndCapTests(SynchronousTestCase):
         a.lose()
         b.lose()
         self.assertEqual(hub.stats.connections["botlink"], 0)
-        self.assertEqual(factory.per_ip, {})
+        self.assertEqual(len(factory.limiter), 0)
 
 
 class StoreBatchTests(SynchronousTestCase):

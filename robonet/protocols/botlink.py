@@ -1,144 +1,75 @@
-"""Bot link (spec/botlink.md): a pure frame codec, then the thin Protocol and Factory.
+"""Bot link (spec/botlink.md): the thin Protocol and Factory for both dialects.
 
-The codec half (``FrameDecoder``, ``encode_*``, ``additive_sum``, ``legacy_ack``) does no I/O.
-
-A frame is a 4-byte big-endian unsigned length N then N bytes of UTF-8 JSON, 1 <= N <= max_frame.
-The additive checksum is the sum of the payload bytes modulo 2**32 (native acks' ``sum`` and the
-legacy Cartobot 8-byte ACK share it).
+The wire codec is :mod:`robonet.protocols.botlink_framing`, the Cartobot dialect's per-bot state
+:mod:`robonet.protocols.botlink_legacy`, the robonet/1 decisions (ids, hello, targets, ack sums,
+responses) :mod:`robonet.protocols.envelope` and the per-connection command/ack state
+:mod:`robonet.protocols.deliveries`; this module only feeds frames through them. The names below
+``__all__`` are re-exported for the modules and tests that import them from here.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import struct
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import orjson
-from twisted.internet import defer, tcp
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import robonet
 from robonet.config import AuthConfig, BotlinkConfig
+from robonet.limits import PerAddressLimiter
 from robonet.model import Command, HubError, Message
+from robonet.protocols import envelope as env
+from robonet.protocols.botlink_framing import (
+    LEGACY_ACK_TAG,
+    LEGACY_POLL,
+    FrameDecoder,
+    FrameError,
+    ack_frame,
+    additive_sum,
+    encode_frame,
+    encode_obj,
+    error_obj,
+    first_write,
+    legacy_ack,
+)
+from robonet.protocols.botlink_legacy import LEGACY_COMMANDS, LegacyDevice, LegacyDevices
+from robonet.protocols.deliveries import CommitAcks, PendingCommands
 
-_LEN = struct.Struct(">I")
-_unpack_len = _LEN.unpack_from
-_pack_len = _LEN.pack
+__all__ = [
+    "LEGACY_ACK_TAG",
+    "LEGACY_COMMANDS",
+    "LEGACY_POLL",
+    "BotLinkFactory",
+    "BotLinkProtocol",
+    "FrameDecoder",
+    "FrameError",
+    "IdleWatch",
+    "LegacyDevice",
+    "ack_frame",
+    "additive_sum",
+    "encode_frame",
+    "encode_obj",
+    "error_obj",
+    "legacy_ack",
+]
 
-LEGACY_POLL = b"REQUEST_INSTRUCTION"
-LEGACY_ACK_TAG = b"ACK\x00"
-
-
-class FrameError(Exception):
-    """An unrecoverable framing error: the stream cannot be resynchronised (spec section 7).
-
-    ``code`` is ``frame_too_large`` (length over the cap) or ``bad_frame`` (length 0). ``frames``
-    holds the payloads completed before the bad prefix in the same feed (process them first, so
-    the outcome does not depend on how reads were split); ``rest`` the bytes from the bad prefix on.
-    """
-
-    def __init__(self, code: str, message: str, frames: list[bytes] | None = None, rest: bytes = b"") -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.frames = frames or []
-        self.rest = rest
-
-
-def additive_sum(payload: bytes | memoryview) -> int:
-    """Sum of all bytes of ``payload`` modulo 2**32 (spec: native ``sum`` and legacy ACK)."""
-    return sum(payload) & 0xFFFFFFFF
-
-
-def encode_frame(payload: bytes) -> bytes:
-    """Prefix ``payload`` (UTF-8 JSON bytes) with its 4-byte big-endian length."""
-    return _pack_len(len(payload)) + payload
-
-
-def encode_obj(obj: Any) -> bytes:
-    """Encode a JSON-able object as one complete frame."""
-    payload = orjson.dumps(obj)
-    return _pack_len(len(payload)) + payload
-
-
-def legacy_ack(payload: bytes) -> bytes:
-    """The Cartobot 8-byte ACK: ``[u32 BE additive sum][b"ACK"][0x00]``."""
-    return _pack_len(sum(payload) & 0xFFFFFFFF) + LEGACY_ACK_TAG
-
-
-def ack_frame(msg_id: int, checksum: int) -> bytes:
-    """``{"type":"ack","id":N,"sum":S}`` as a complete frame, from a template (hot path)."""
-    payload = b'{"type":"ack","id":%d,"sum":%d}' % (msg_id, checksum)
-    return _pack_len(len(payload)) + payload
-
-
-def error_obj(code: str, message: str, ref: int | None = None) -> dict[str, Any]:
-    """The spec's error object ``{"type":"error","code","message","ref"}``."""
-    return {"type": "error", "code": code, "message": message, "ref": ref}
-
-
-class FrameDecoder:
-    """Incremental frame splitter: feed it reads of any size, get whole payloads back.
-
-    One pass over the joined buffer per ``feed`` (no per-frame buffer re-copy, unlike
-    Int32StringReceiver). ``max_frame`` may be changed between feeds (64 KiB before hello).
-    A bad length prefix raises :class:`FrameError` at once, before anything of it is buffered.
-    """
-
-    __slots__ = ("max_frame", "_buf")
-
-    def __init__(self, max_frame: int) -> None:
-        self.max_frame = max_frame
-        self._buf = b""
-
-    @property
-    def pending(self) -> int:
-        """Bytes held of an incomplete frame."""
-        return len(self._buf)
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """Append ``data``; return the payloads of every frame now complete, in order."""
-        buf = self._buf + data if self._buf else data
-        n = len(buf)
-        pos = 0
-        frames: list[bytes] = []
-        while n - pos >= 4:
-            length = _unpack_len(buf, pos)[0]
-            if length == 0 or length > self.max_frame:
-                self._buf = b""
-                if length == 0:
-                    raise FrameError("bad_frame", "frame length 0", frames, buf[pos:])
-                raise FrameError(
-                    "frame_too_large", f"frame length {length} exceeds {self.max_frame}", frames, buf[pos:]
-                )
-            end = pos + 4 + length
-            if end > n:
-                break
-            frames.append(buf[pos + 4 : end])
-            pos = end
-        self._buf = buf[pos:] if pos < n else b""
-        return frames
-
-
-# ---------------------------------------------------------------------------------------------
-# Protocol and factory (thin: feed the decoder, dispatch to the hub)
-# ---------------------------------------------------------------------------------------------
+_first_write = first_write  # the name tests and benchmarks use
 
 _loads = orjson.loads
 _JSONError = orjson.JSONDecodeError
-MAX_ID = 2**53
+MAX_ID = env.MAX_ID
 _EPSILON = 1e-6  # s: float slack when comparing a deadline with the clock
 HEARTBEAT_S = 10
-ROLES = ("robot", "client", "peer")
-LEGACY_COMMANDS = ("movement_instruction", "trial_response")
-_ANY_ROLE = ("any", "admin")
+ROLES = env.ROLES
+_id = env.ref_of
 
 
 class BotLinkProtocol(Protocol):
@@ -173,10 +104,8 @@ class BotLinkProtocol(Protocol):
         "acks_out",
         "_born",
         "_sent_any",
-        "_next_id",
         "_pending",
-        "_wait_batch",
-        "_wait_acks",
+        "_acks",
         "_peer",
         "_legacy",
     )
@@ -200,10 +129,9 @@ class BotLinkProtocol(Protocol):
         self.acks_out = 0
         self._born = 0.0
         self._sent_any = False
-        self._next_id = 0
-        self._pending: dict[int, tuple[defer.Deferred[Any], IDelayedCall]] | None = None
-        self._wait_batch: Any = None
-        self._wait_acks: list[tuple[int, int]] | None = None
+        # Made on first use: most connections never get a command, many never need an ack.
+        self._pending: PendingCommands | None = None
+        self._acks: CommitAcks[tuple[int, int]] | None = None
         self._peer: Any = None
         self._legacy: LegacyDevice | None = None
 
@@ -219,13 +147,11 @@ class BotLinkProtocol(Protocol):
         self.closing = True
         self.hub.stats.connection("botlink", -1)
         self.factory.released(self.ip)
-        if not self.factory.per_ip:
+        if not len(self.factory.limiter):
             self.factory.idle.clear()
-        pending, self._pending = self._pending or {}, None
-        for d, timer in pending.values():
-            if timer.active():
-                timer.cancel()
-            d.errback(HubError("device_offline", f"{self.device_id} disconnected"))
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.fail_all(HubError("device_offline", f"{self.device_id} disconnected"))
         if self._legacy is not None:
             self._legacy.poll_gone(self)
         if self._peer is not None:
@@ -296,7 +222,7 @@ class BotLinkProtocol(Protocol):
             self.transport.write(data)  # type: ignore[union-attr]
         else:
             self._sent_any = True
-            _first_write(self.transport, data)
+            first_write(self.transport, data)
 
     def _flush(self) -> None:
         out, self._out = self._out, None
@@ -409,9 +335,7 @@ class BotLinkProtocol(Protocol):
     # -- native dialect --
 
     def _hello(self, obj: dict[str, Any]) -> None:
-        proto = obj.get("proto", 1)
-        role = obj.get("role", "client")
-        if role == "peer":  # the peer service checks proto itself (error: incompatible)
+        if obj.get("role") == "peer":  # the peer service checks proto itself (error: incompatible)
             acceptor = self.hub.peer_acceptor
             if acceptor is None:
                 self.hub.stats.error("bad_hello")
@@ -421,52 +345,32 @@ class BotLinkProtocol(Protocol):
             self._decoder.max_frame = self.cfg.max_frame
             self._peer = acceptor.accept(self, obj)
             return
-        if proto.__class__ is not int or proto != robonet.PROTO_VERSION:
-            self.hub.stats.error("proto_unsupported")
-            self.close_with_error("proto_unsupported", f"proto {proto!r} is not supported; use 1")
-            return
-        if role not in ROLES:
-            self.hub.stats.error("bad_hello")
-            self.close_with_error("bad_hello", "role must be robot, client or peer")
-            return
-        device_id = obj.get("device_id")
-        name = obj.get("name", "")
-        if device_id is not None and (not isinstance(device_id, str) or not 0 < len(device_id) <= 128):
-            self.hub.stats.error("bad_hello")
-            self.close_with_error("bad_hello", "device_id must be a string of 1..128 characters")
-            return
-        if not isinstance(name, str):
-            name = str(name)
         auth = self.factory.auth
-        if auth.mode == "token":
-            granted = auth.tokens.get(obj.get("token")) if isinstance(obj.get("token"), str) else None
-            if granted is None or (granted not in _ANY_ROLE and granted != role):
-                self.hub.stats.error("auth_failed")
+        try:
+            hello = env.parse_hello(obj, tokens=auth.tokens if auth.mode == "token" else None)
+        except HubError as e:
+            self.hub.stats.error(e.code)
+            if e.code == "auth_failed":
                 self.log.info("bot link {address}: hello refused (bad token)", address=self.address)
-                self.close_with_error("auth_failed", "invalid token for this role")
-                return
+            self.close_with_error(e.code, e.message)
+            return
+        role, device_id, name = hello.role, hello.device_id, hello.name
         if device_id is None:
             device_id = f"{role}-{uuid.uuid4().hex[:8]}"
         self.mode = "native"
         self.device_id = device_id
         self._decoder.max_frame = self.cfg.max_frame
-        self._send(
-            encode_obj(
-                {
-                    "type": "welcome",
-                    "proto": robonet.PROTO_VERSION,
-                    "session": str(uuid.uuid4()),
-                    "server": {
-                        "id": self.hub.node.node_id,
-                        "name": self.hub.node.name,
-                        "version": robonet.__version__,
-                    },
-                    "heartbeat_s": HEARTBEAT_S,
-                    "max_frame": self.cfg.max_frame,
-                    "device_id": device_id,
-                }
-            )
+        node = self.hub.node
+        welcome = env.welcome_obj(
+            session=str(uuid.uuid4()),
+            node_id=node.node_id,
+            node_name=node.name,
+            version=robonet.__version__,
+            heartbeat_s=HEARTBEAT_S,
+            max_frame=self.cfg.max_frame,
+            device_id=device_id,
         )
+        self._send(encode_obj(welcome))
         self.hub.stats.count_in("hello")
         self.device = self.hub.connect(
             self, device_id, face="botlink", role=role, address=self.address, name=name, dialect="robonet/1"
@@ -504,54 +408,32 @@ class BotLinkProtocol(Protocol):
                     self._ack_after(batch, mid, sum(payload) & 0xFFFFFFFF)
 
     def _ack_after(self, batch: Any, mid: int, checksum: int) -> None:
-        if batch is self._wait_batch and self._wait_acks is not None:
-            self._wait_acks.append((mid, checksum))
-            return
-        self._wait_batch = batch
-        self._wait_acks = acks = [(mid, checksum)]
-        batch.when_committed(self._acks_committed, self._acks_failed, acks, self._now)
-
-    def _release_batch(self, acks: list[tuple[int, int]]) -> None:
-        if self._wait_acks is acks:
-            self._wait_batch = self._wait_acks = None
+        acks = self._acks
+        if acks is None:
+            acks = self._acks = CommitAcks(self._acks_committed, self._acks_failed)
+        acks.add(batch, (mid, checksum), self._now)
 
     def _acks_committed(self, acks: list[tuple[int, int]], received_at: float) -> None:
-        self._release_batch(acks)
         if self.closing:
             return
         self.hub.stats.ack_delay.add(self.clock.seconds() - received_at)
         self._send(b"".join([ack_frame(mid, s) for mid, s in acks]))
 
     def _acks_failed(self, failure: Failure, acks: list[tuple[int, int]], received_at: float) -> None:
-        self._release_batch(acks)
         if self.closing:
             return
         for mid, _ in acks:
             self._error("internal", "message could not be stored", mid)
 
-    def _take_pending(self, ref: Any) -> defer.Deferred[Any] | None:
-        """The Deferred of our command ``ref`` (its ack timer stopped), or None if unknown."""
-        entry = self._pending.pop(ref, None) if isinstance(ref, int) and self._pending else None
-        if entry is None:
-            return None
-        d, timer = entry
-        if timer.active():
-            timer.cancel()
-        return d
-
     def _on_ack(self, obj: dict[str, Any], mid: int | None, payload: bytes) -> None:
         self.hub.stats.count_in("ack")
-        d = self._take_pending(obj.get("id"))
-        if d is not None:
-            d.callback(obj)
+        if self._pending is not None:
+            self._pending.on_ack(obj)
 
     def _on_remote_error(self, obj: dict[str, Any], mid: int | None, payload: bytes) -> None:
         self.hub.stats.count_in("error")
-        d = self._take_pending(obj.get("ref"))
-        if d is not None:
-            code = obj.get("code")
-            code = code if isinstance(code, str) else "internal"
-            d.errback(HubError(code, str(obj.get("message") or code)))
+        if self._pending is not None:
+            self._pending.on_error(obj)
 
     def _on_ping(self, obj: dict[str, Any], mid: int | None, payload: bytes) -> None:
         self.hub.stats.count_in("ping")
@@ -573,13 +455,12 @@ class BotLinkProtocol(Protocol):
     def _respond(self, result: Any, mid: int | None) -> None:
         if self.closing:
             return
-        try:
-            frame = encode_obj({"type": "response", "id": mid, "status": "success", "data": result})
-        except TypeError:
-            self._respond_error(mid, "internal", "endpoint result is not JSON-serialisable")
-            return
-        self.hub.stats.count_out("response")
-        self._send(frame)
+        payload, ok = env.encode_response(mid, result, orjson.dumps)
+        if ok:
+            self.hub.stats.count_out("response")
+        else:
+            self.hub.stats.error("internal")
+        self._send(encode_frame(payload))
 
     def _respond_failure(self, f: Failure, mid: int | None) -> None:
         err = f.value
@@ -590,13 +471,15 @@ class BotLinkProtocol(Protocol):
     def _respond_error(self, mid: int | None, code: str, message: str) -> None:
         if self.closing:
             return
-        self._send(
-            encode_obj({"type": "response", "id": mid, "status": "error", "code": code, "message": message})
-        )
+        self._send(encode_obj(env.response_error_obj(mid, code, message)))
 
     def _command(self, obj: dict[str, Any], mid: int | None, payload: bytes) -> None:
-        target = obj.get("device_id")
-        d = self.hub.command(obj, self.device_id, target if isinstance(target, str) else None)
+        try:
+            target = env.command_target(obj)
+        except HubError as e:  # a malformed target is an error, never a broadcast
+            self._error(e.code, e.message, mid)
+            return
+        d = self.hub.command(obj, self.device_id, target)
         checksum = sum(payload) & 0xFFFFFFFF
         d.addCallbacks(
             self._command_done, self._command_failed, callbackArgs=(mid, checksum), errbackArgs=(mid,)
@@ -625,33 +508,24 @@ class BotLinkProtocol(Protocol):
         """
         if self.closing:
             raise HubError("device_offline", f"{self.device_id} is disconnecting")
-        self._next_id += 1
-        cid = self._next_id
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = PendingCommands(
+                self.clock, self.cfg.ack_timeout, self.hub.stats, self.device_id
+            )
+        cid = pending.next_id()
         body = dict(command.body)
         body["id"] = cid
-        self._send(encode_obj(body))
-        d: defer.Deferred[Any] = defer.Deferred()
-        timer = self.clock.callLater(self.cfg.ack_timeout, self._ack_timeout, cid)
-        if self._pending is None:
-            self._pending = {}
-        self._pending[cid] = (d, timer)
-        return d
-
-    def _ack_timeout(self, cid: int) -> None:
-        entry = self._pending.pop(cid, None) if self._pending else None
-        if entry is not None:
-            entry[0].errback(
-                HubError(
-                    "delivery_timeout", f"{self.device_id} did not ack within {self.cfg.ack_timeout:g} s"
-                )
-            )
+        payload = orjson.dumps(body)
+        self._send(encode_frame(payload))
+        return pending.add(cid, additive_sum(payload))
 
     # -- legacy dialect (Cartobot) --
 
     def _enter_legacy(self) -> None:
         self.mode = "legacy"
         self._decoder.max_frame = self.cfg.max_frame
-        self._legacy = self.factory.legacy_device(self.ip)
+        self._legacy = self.factory.legacy.get(self.ip)
 
     def _legacy_frame(self, payload: bytes, obj: dict[str, Any] | None = None) -> None:
         if obj is None:
@@ -692,7 +566,8 @@ class BotLinkProtocol(Protocol):
         self._last_rx = self.clock.seconds()
         assert self._legacy is not None
         self.hub.stats.count_in("REQUEST_INSTRUCTION")
-        self._legacy.touch(self._last_rx)
+        device = self._legacy.touch(self._last_rx)
+        self.hub.touch(device, self._last_rx)  # a poll is activity: last_seen moves
         self._legacy.poll(self)
 
     def give_instruction(self, body: dict[str, Any] | None) -> None:
@@ -712,137 +587,6 @@ _SPECIAL: dict[str, Callable[[BotLinkProtocol, dict[str, Any], int | None, bytes
     "request": BotLinkProtocol._on_request,
     "hello": BotLinkProtocol._on_hello_again,
 }
-
-
-def _first_write(transport: Any, data: bytes) -> None:
-    """Write a connection's first bytes (usually the welcome) straight to a plain TCP socket.
-
-    Twisted's buffered write path adds ~0.8 KB of state to a transport the first time it runs
-    (measured: 1.92 vs 1.1 KB per idle connection), which most robot connections would otherwise
-    carry for life. The kernel takes a first small write whole; anything it does not take, TLS
-    transports and test transports go through ``transport.write`` as usual.
-    """
-    sock = getattr(transport, "socket", None)
-    if sock is None or not isinstance(transport, tcp.Connection) or ISSLTransport.providedBy(transport):
-        transport.write(data)
-        return
-    try:
-        sent = sock.send(data)
-    except BlockingIOError:
-        sent = 0
-    except OSError:  # let Twisted see and report the broken connection its usual way
-        sent = 0
-    if sent < len(data):
-        transport.write(data[sent:])
-
-
-def _id(obj: dict[str, Any]) -> int | None:
-    mid = obj.get("id")
-    return mid if mid.__class__ is int else None
-
-
-class LegacyDevice:
-    """One Cartobot bot (``bot-<ip>``): presence across its short connections and its pull queue.
-
-    It is the device's :class:`~robonet.model.Link`: commands are queued (bounded, oldest dropped)
-    and handed to the next ``REQUEST_INSTRUCTION`` poll; the sender is acked when queued.
-    """
-
-    face = "botlink"
-    log = Logger()
-
-    def __init__(self, factory: BotLinkFactory, ip: str, device_id: str) -> None:
-        self.factory = factory
-        self.hub = factory.hub
-        self.ip = ip
-        self.device_id = device_id
-        self.queue: deque[dict[str, Any]] = deque()
-        self.device: Any = None
-        self._pollers: list[tuple[BotLinkProtocol, IDelayedCall]] = []
-        self._expiry: IDelayedCall | None = None
-        self._last = 0.0
-
-    def touch(self, now: float) -> Any:
-        """A frame or poll arrived: (re)connect the device and push its expiry out."""
-        self._last = now
-        if self.device is None or not self.device.online or self.device.link is not self:
-            self.device = self.hub.connect(
-                self, self.device_id, face="botlink", role="robot", address=self.ip, dialect="cartobot"
-            )
-        if self._expiry is None:
-            self._expiry = self.factory.clock.callLater(self.factory.config.idle_timeout, self._expire)
-        return self.device
-
-    def _expire(self) -> None:
-        self._expiry = None
-        left = self._last + self.factory.config.idle_timeout - self.factory.clock.seconds()
-        if left > 0 or self._pollers:
-            self._expiry = self.factory.clock.callLater(max(left, 1.0), self._expire)
-            return
-        self.hub.disconnect(self, self.device_id)
-
-    def deliver(self, command: Command) -> None:
-        """Queue ``command`` for the bot's next poll (ack now); only Cartobot instructions."""
-        if command.type not in LEGACY_COMMANDS:
-            raise HubError(
-                "unknown_command",
-                f"{self.device_id} is a Cartobot bot: it takes movement_instruction and trial_response only",
-            )
-        body = {k: v for k, v in command.body.items() if k not in ("device_id", "timestamp")}
-        if command.type == "movement_instruction":
-            d, a = body.get("distance_cm"), body.get("angle_degrees")
-            if not _num_in(d, 1000) or not _num_in(a, 360):
-                raise HubError(
-                    "bad_frame",
-                    "movement_instruction needs -1000<=distance_cm<=1000, -360<=angle_degrees<=360",
-                )
-        if self._pollers:
-            proto, timer = self._pollers.pop(0)
-            if timer.active():
-                timer.cancel()
-            proto.give_instruction(body)
-            return None
-        if len(self.queue) >= self.factory.config.legacy_queue:
-            self.queue.popleft()
-            self.hub.stats.drop("legacy_queue_full")
-        self.queue.append(body)
-        return None
-
-    def poll(self, proto: BotLinkProtocol) -> None:
-        """A bot asked for an instruction: answer now, or wait up to ``legacy_poll_wait``."""
-        if self.queue:
-            proto.give_instruction(self.queue.popleft())
-            return
-        timer = self.factory.clock.callLater(self.factory.config.legacy_poll_wait, self._poll_expired, proto)
-        self._pollers.append((proto, timer))
-
-    def _poll_expired(self, proto: BotLinkProtocol) -> None:
-        self._pollers = [(p, t) for p, t in self._pollers if p is not proto]
-        proto.give_instruction(None)
-
-    def poll_gone(self, proto: BotLinkProtocol) -> None:
-        """The polling connection closed before an instruction came."""
-        keep = []
-        for p, t in self._pollers:
-            if p is proto:
-                if t.active():
-                    t.cancel()
-            else:
-                keep.append((p, t))
-        self._pollers = keep
-
-    def close_link(self, code: str, message: str) -> None:
-        """model.Link: a native connection took this id over; stop answering polls for it."""
-        for proto, timer in self._pollers:
-            if timer.active():
-                timer.cancel()
-            proto.give_instruction(None)
-        self._pollers = []
-        self.device = None
-
-
-def _num_in(v: Any, limit: float) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and -limit <= v <= limit
 
 
 class _Refuse(Protocol):
@@ -919,19 +663,17 @@ class BotLinkFactory(ServerFactory):
         self.config = config
         self.clock = clock
         self.auth = auth or AuthConfig()
-        self.per_ip: dict[str, int] = {}
-        self.legacy: dict[str, LegacyDevice] = {}
+        self.limiter = PerAddressLimiter(config.max_per_ip)
+        self.legacy = LegacyDevices(hub, config, clock)
         self.idle = IdleWatch(clock)
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         ip = getattr(addr, "host", "?")
-        n = self.per_ip.get(ip, 0)
-        if n >= self.config.max_per_ip:
+        if not self.limiter.acquire(ip):
             self.hub.stats.error("rate_limited")
             refuse = _Refuse(f"too many connections from {ip} (max {self.config.max_per_ip})")
             refuse.factory = self
             return refuse
-        self.per_ip[ip] = n + 1
         return BotLinkProtocol(self, addr)
 
     def stopFactory(self) -> None:
@@ -940,16 +682,4 @@ class BotLinkFactory(ServerFactory):
 
     def released(self, ip: str) -> None:
         """A connection from ``ip`` closed."""
-        n = self.per_ip.get(ip, 0) - 1
-        if n > 0:
-            self.per_ip[ip] = n
-        else:
-            self.per_ip.pop(ip, None)
-
-    def legacy_device(self, ip: str) -> LegacyDevice:
-        """The Cartobot device for ``ip`` (named by ``legacy_names`` or ``bot-<ip>``)."""
-        dev = self.legacy.get(ip)
-        if dev is None:
-            dev = LegacyDevice(self, ip, self.config.legacy_names.get(ip) or f"bot-{ip}")
-            self.legacy[ip] = dev
-        return dev
+        self.limiter.release(ip)
