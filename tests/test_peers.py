@@ -807,6 +807,17 @@ class AckChecksumTests(PeerTestCase):
         self.ack({"type": "ack", "id": mid, "sum": str(checksum)})
         self.assertEqual(self.failureResultOf(d, HubError).value.code, "bad_checksum")
 
+    def test_peer_command_device_id_rule(self) -> None:
+        """A peer_command whose device_id breaks the envelope's id rule is bad_frame, never routed."""
+        for bad in (5, "", "a b", "x" * 129, None):
+            self.channel.frames.clear()
+            self.link.frame_received(
+                {"type": "peer_command", "id": 4, "device_id": bad, "command": {"type": "stop"}}, b"{}"
+            )
+            [frame] = self.channel.frames
+            err = orjson.loads(frame[4:])
+            self.assertEqual((err["type"], err["code"], err["ref"]), ("error", "bad_frame", 4), bad)
+
     def test_sum_is_optional(self) -> None:
         """An ack without sum is accepted (the sum is optional for senders)."""
         d, mid, _ = self.send()

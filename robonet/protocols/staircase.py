@@ -17,12 +17,11 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from robonet.protocols.envelope import MAX_DEVICE_ID, check_token
+
 ROBOT = "robot"
 WEBSITE = "website"
-MAX_DEVICE_ID = 128
 MOTION_COMMANDS = ("robot_move", "camera_move")
-# Token roles that grant every kind of connection (as on the bot link).
-ANY_ROLE = ("any", "admin")
 
 
 def py_str(value: Any) -> str:
@@ -176,11 +175,6 @@ def origin_allowed(origin: str, host: str, allowed: Iterable[str]) -> bool:
     return o_host == h_host and (o_port or default) == (h_port or default)
 
 
-def valid_device_id(device_id: str) -> bool:
-    """A robot id from the query string: 1..128 printable characters, no spaces."""
-    return 0 < len(device_id) <= MAX_DEVICE_ID and device_id.isprintable() and " " not in device_id
-
-
 def is_stop(body: dict[str, Any]) -> bool:
     """A motion command that stops (x and y both zero)."""
     x, y = body.get("x"), body.get("y")
@@ -193,18 +187,14 @@ def token_role(tokens: Mapping[str, str], token: str, device_id: str) -> str:
     Returns ``""`` when the token grants that connection; otherwise the refusal: ``"unknown"``
     (missing or unknown token: 401), ``"needs_device_id"`` (a robot token without ``device_id``:
     400) or ``"not_robot"`` (a website token with ``device_id``: 403). ``any``/``admin`` tokens
-    grant both, as they do on the bot link.
+    grant both, as they do on the bot link (the grant rule is :func:`envelope.check_token`).
     """
     granted = tokens.get(token) if token else None
     if granted is None:
         return "unknown"
-    if granted in ANY_ROLE:
-        return ""
-    if granted == ROBOT and not device_id:
-        return "needs_device_id"
-    if granted != ROBOT and device_id:
-        return "not_robot"
-    return ""
+    if device_id:
+        return "" if check_token(tokens, token, ROBOT) else "not_robot"
+    return "needs_device_id" if granted == ROBOT else ""  # any other token opens a website
 
 
 def robot_name(body: Mapping[str, Any]) -> str | None:

@@ -29,10 +29,17 @@ from zope.interface import implementer
 import robonet
 from robonet.fanout import OutboundQueue
 from robonet.model import Command, Event, HubError, Message, Priority
+from robonet.protocols.envelope import (
+    MAX_DEVICE_ID,
+    command_target,
+    encode_response,
+    failure_code,
+    response_error_obj,
+    valid_device_id,
+)
 from robonet.protocols.staircase import (  # re-exported: the relay's public helpers
     BINARY_ERROR,
     INVALID_JSON,
-    MAX_DEVICE_ID,
     MOTION_COMMANDS,
     NO_ACK_TYPES,
     ROBOT,
@@ -49,7 +56,6 @@ from robonet.protocols.staircase import (  # re-exported: the relay's public hel
     robot_welcome_json,
     text_frame,
     token_role,
-    valid_device_id,
     website_welcome_json,
 )
 from robonet.protocols.wsoptions import (  # re-exported for web.py and the other WebSocket faces
@@ -396,29 +402,31 @@ class RelayProtocol(WebSocketServerProtocol):
             hub.stats.error("unknown_command")
             self.send_json(error_json("unknown_command", mtype, f"unknown setting {py_str(obj.get('name'))}"))
             return
-        target = obj.get("device_id")
-        if target is not None and not isinstance(target, str):
-            hub.stats.error("bad_request")
-            self.send_json(error_json("bad_request", mtype, "device_id must be a string"))
+        raw_target = obj.get("device_id")
+        try:
+            # The envelope's rule; "" means "every robot" here, as the original dashboard sends it.
+            target = None if raw_target == "" else command_target(obj)
+        except HubError as e:
+            hub.stats.error("bad_request")  # this face's code for a malformed dashboard message
+            text = e.message if isinstance(raw_target, str) else "device_id must be a string"
+            self.send_json(error_json("bad_request", mtype, text))
             return
         # The original acked at once: the ack means "received"; later failures follow as errors.
         self.send_json(ack_json(mtype, ack_message(mtype, obj)))
         if mtype in MOTION_COMMANDS:
             robots = [target] if target else self._online_robots()
             f.deadman.moved(self.device_id, mtype, obj, robots)
-        d = hub.command(obj, origin=self.device_id, target=target or None)
+        d = hub.command(obj, origin=self.device_id, target=target)
         d.addErrback(self._command_failed, mtype)
 
     def _online_robots(self) -> list[str]:
         return [d.device_id for d in self.factory.hub.registry.devices() if d.online and d.role == ROBOT]
 
     def _command_failed(self, failure: Failure, mtype: str) -> None:
-        err = failure.value
-        if isinstance(err, HubError):
-            self.send_json(error_json(err.code, mtype, err.message))
-        else:
+        if not isinstance(failure.value, HubError):
             self._log.failure("command {mtype} failed", failure, mtype=mtype)
-            self.send_json(error_json("internal", mtype, "command failed"))
+        code, message = failure_code(failure.value or Exception())
+        self.send_json(error_json(code, mtype, message))
 
     def _request(self, obj: dict[str, Any]) -> None:
         """``{"type":"request","id":N,"endpoint":E,"data":D}`` -> ``{"type":"response",...}`` (bot link's)."""
@@ -426,44 +434,21 @@ class RelayProtocol(WebSocketServerProtocol):
         endpoint = obj.get("endpoint")
         if not isinstance(endpoint, str):
             self.send_json(
-                orjson.dumps(
-                    {
-                        "type": "response",
-                        "id": req_id,
-                        "status": "error",
-                        "code": "bad_request",
-                        "message": "request needs an endpoint",
-                    }
-                )
+                orjson.dumps(response_error_obj(req_id, "bad_request", "request needs an endpoint"))
             )
             return
 
         def ok(result: Any) -> None:
-            try:
-                frame = orjson.dumps({"type": "response", "id": req_id, "status": "success", "data": result})
-            except TypeError:
+            frame, encodable = encode_response(req_id, result, orjson.dumps)
+            if not encodable:
                 # As the bot and line links: an endpoint result JSON cannot carry is an error answer.
                 self.factory.hub.stats.error("internal")
                 self._log.error("endpoint {endpoint} returned a value that is not JSON", endpoint=endpoint)
-                frame = orjson.dumps(
-                    {
-                        "type": "response",
-                        "id": req_id,
-                        "status": "error",
-                        "code": "internal",
-                        "message": "endpoint result is not JSON-serialisable",
-                    }
-                )
             self.send_json(frame)
 
         def failed(failure: Failure) -> None:
-            err = failure.value
-            code = err.code if isinstance(err, HubError) else "internal"
-            message = err.message if isinstance(err, HubError) else "request failed"
             self.send_json(
-                orjson.dumps(
-                    {"type": "response", "id": req_id, "status": "error", "code": code, "message": message}
-                )
+                orjson.dumps(response_error_obj(req_id, *failure_code(failure.value or Exception())))
             )
 
         self.factory.hub.request(endpoint, obj.get("data"), self.device_id).addCallbacks(ok, failed)

@@ -22,7 +22,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from robonet.protocols.botlink import FrameDecoder, FrameError, encode_obj, error_obj
+from robonet.protocols.botlink import FrameDecoder, FrameError, encode_obj
+from robonet.protocols.envelope import error_obj
 from robonet.protocols.peering import (
     AUTH_FAILED,
     BAD_HELLO,

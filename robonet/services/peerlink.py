@@ -30,7 +30,18 @@ from twisted.python.failure import Failure
 
 from robonet.fanout import OutboundQueue
 from robonet.model import Command, HubError, Message, Priority
-from robonet.protocols.botlink import ack_frame, additive_sum, encode_obj, error_obj
+from robonet.protocols.botlink import ack_frame, encode_obj
+from robonet.protocols.envelope import (
+    ack_sum_ok,
+    additive_sum,
+    encode_response,
+    error_obj,
+    failure_code,
+    ref_of,
+    remote_error,
+    response_error_obj,
+    valid_device_id,
+)
 from robonet.protocols.peering import HEARTBEAT_S, PeerInfo
 
 if TYPE_CHECKING:
@@ -41,13 +52,6 @@ if TYPE_CHECKING:
 
 CLOSE_GRACE_S = 5.0
 PEER_QUEUE_BYTES = 4 * 1024 * 1024
-MAX_ID = 2**53
-
-
-def ack_sum_ok(ack: dict[str, Any], expected: int) -> bool:
-    """An ack's ``sum`` matches ``expected`` (absent: not checked)."""
-    got = ack.get("sum")
-    return got is None or (got.__class__ is int and got == expected)
 
 
 class LinkOwner(Protocol):
@@ -330,8 +334,7 @@ class PeerLink:
             )
 
     def _id(self, obj: dict[str, Any]) -> int | None:
-        mid = obj.get("id")
-        return mid if isinstance(mid, int) and not isinstance(mid, bool) and 0 <= mid <= MAX_ID else None
+        return ref_of(obj)  # the envelope's id rule; an invalid id is answered without one
 
     def _on_ping(self, obj: dict[str, Any], raw: bytes) -> None:
         mid = self._id(obj)
@@ -367,29 +370,28 @@ class PeerLink:
 
     def _on_error(self, obj: dict[str, Any], raw: bytes) -> None:
         ref = obj.get("ref")
-        code = obj.get("code")
-        code = code[:64] if isinstance(code, str) and code else "internal"
+        err = remote_error(obj)
+        err = HubError(err.code[:64], err.message[:500])  # a peer's text is bounded here
         entry = self._pending.pop(ref, None) if isinstance(ref, int) else None
         if entry is None:
             self.log.info(
                 "peer {node_id} reports {code}: {message}",
                 node_id=self.node_id,
-                code=code,
-                message=str(obj.get("message"))[:200],
+                code=err.code,
+                message=err.message[:200],
             )
             return
         d, timer, _sum = entry
         if timer.active():
             timer.cancel()
-        message = obj.get("message")
-        d.errback(HubError(code, message[:500] if isinstance(message, str) else code))
+        d.errback(err)
 
     def _on_peer_command(self, obj: dict[str, Any], raw: bytes) -> None:
         mid = self._id(obj)
-        target = obj.get("device_id")
+        target: Any = obj.get("device_id")
         body = obj.get("command")
         origin = obj.get("origin")
-        if not isinstance(target, str) or not isinstance(body, dict):
+        if not valid_device_id(target) or not isinstance(body, dict):
             self.hub.stats.error("bad_frame")
             self.put(encode_obj(error_obj("bad_frame", "peer_command needs device_id and command", mid)))
             return
@@ -411,55 +413,27 @@ class PeerLink:
             self.put(ack_frame(mid, checksum))
 
     def _command_failed(self, f: Failure, mid: int | None) -> None:
-        err = f.value
-        if isinstance(err, HubError):
-            frame = encode_obj(error_obj(err.code, err.message, mid))
-        else:
-            frame = encode_obj(error_obj("internal", "command failed", mid))
-        self.put(frame)
+        code, message = failure_code(f.value or Exception())
+        self.put(encode_obj(error_obj(code, message, mid)))
 
     def _on_request(self, obj: dict[str, Any], raw: bytes) -> None:
         mid = self._id(obj)
         endpoint = obj.get("endpoint")
         if not isinstance(endpoint, str):
-            self.put(
-                encode_obj(
-                    {
-                        "type": "response",
-                        "id": mid,
-                        "status": "error",
-                        "code": "unknown_endpoint",
-                        "message": "request needs a string 'endpoint'",
-                    }
-                )
-            )
+            error = response_error_obj(mid, "unknown_endpoint", "request needs a string 'endpoint'")
+            self.put(encode_obj(error))
             return
         d = self.hub.request(endpoint, obj.get("data"), self.node_id)
 
         def ok(result: Any) -> None:
-            try:
-                frame = encode_obj({"type": "response", "id": mid, "status": "success", "data": result})
-            except TypeError:
-                frame = encode_obj(
-                    {
-                        "type": "response",
-                        "id": mid,
-                        "status": "error",
-                        "code": "internal",
-                        "message": "endpoint result is not JSON-serialisable",
-                    }
-                )
+            frame, encodable = encode_response(mid, result, encode_obj)
+            if not encodable:
+                self.hub.stats.error("internal")
             self.put(frame)
 
         def failed(f: Failure) -> None:
-            err = f.value
-            code = err.code if isinstance(err, HubError) else "internal"
-            message = err.message if isinstance(err, HubError) else "internal error"
-            self.put(
-                encode_obj(
-                    {"type": "response", "id": mid, "status": "error", "code": code, "message": message}
-                )
-            )
+            code, message = failure_code(f.value or Exception())
+            self.put(encode_obj(response_error_obj(mid, code, message)))
 
         d.addCallbacks(ok, failed)
 
