@@ -9,6 +9,10 @@ links and the devices peers own, exports local devices to peers, and attaches it
 The handshake codec and static entries are :mod:`robonet.protocols.peering`; the links (PeerLink,
 RemoteLink) are :mod:`robonet.services.peerlink`, the connections (the dialling and accepting
 sides) :mod:`robonet.services.peerconn`. Neither imports this module.
+
+Why over 600 lines: it is one class whose parts (link policy, diallers, the remote-device table,
+what is exported, peer_list) all work on the same ``links``/``diallers``/``remote`` tables; split
+apart, each piece would have to reach into the others' tables.
 """
 
 from __future__ import annotations
@@ -145,10 +149,9 @@ class PeerService(Service):
         return defer.gatherResults(waits).addCallback(lambda _: None)
 
     def _remember_static_host(self, host: str) -> None:
-        if isIPAddress(host) or isIPv6Address(host):
-            self._static_hosts.add(host)
-            return
         self._static_hosts.add(host)
+        if isIPAddress(host) or isIPv6Address(host):
+            return
         resolve = getattr(self.reactor, "resolve", None)
         if resolve is not None:
             resolve(host).addCallbacks(self._static_hosts.add, lambda f: None)
@@ -240,18 +243,25 @@ class PeerService(Service):
             endpoint = wrapClientTLS(options, endpoint)
         return endpoint
 
-    def _add_dialler(self, dialler: Dialler) -> None:
+    def _start_client(self, dialler: Dialler) -> bool:
+        """Start (or restart) dialling ``dialler``'s target; False when no endpoint can be built."""
         try:
             endpoint = self._endpoint_factory(dialler)
         except (OSError, ValueError) as e:
             self.log.error("peer {key}: cannot set up the connection: {error}", key=dialler.key, error=e)
-            return
-        self.diallers[dialler.key] = dialler
+            return False
         dialler.client = ClientService(
             endpoint, PeerClientFactory(self, dialler), retryPolicy=self.retry_policy, clock=self.reactor
         )
         dialler.state = "connecting"
         dialler.client.startService()
+        return True
+
+    def _add_dialler(self, dialler: Dialler) -> None:
+        self.diallers[dialler.key] = dialler  # before the first connection attempt can report back
+        if not self._start_client(dialler):
+            del self.diallers[dialler.key]
+            return
         self.log.info(
             "dialling peer {key} at {host}:{port}", key=dialler.key, host=dialler.host, port=dialler.port
         )
@@ -313,18 +323,7 @@ class PeerService(Service):
         for dialler in self.diallers.values():
             if dialler.state == "paused" and dialler.paused_for == node_id and self.running:
                 dialler.paused_for = None
-                try:
-                    endpoint = self._endpoint_factory(dialler)
-                except (OSError, ValueError):
-                    continue
-                dialler.client = ClientService(
-                    endpoint,
-                    PeerClientFactory(self, dialler),
-                    retryPolicy=self.retry_policy,
-                    clock=self.reactor,
-                )
-                dialler.state = "connecting"
-                dialler.client.startService()
+                self._start_client(dialler)
 
     # -- the acceptor hook (hub.peer_acceptor) --
 
