@@ -401,7 +401,14 @@ class DiscoveryConfig:
 
 @attrs.frozen
 class PeersConfig:
-    auto: bool = _key(True, _bool)
+    """``[peers]``: federation with other robonet hubs (spec/discovery-peers.md, docs/federation.rst).
+
+    The PeerService runs whenever the bot link listens: ``auto`` decides whether it dials
+    discovered hubs, ``accept`` whether it takes inbound peer links on the bot link.
+    """
+
+    auto: bool = _key(True, _bool, "dial compatible discovered hubs of the same project")
+    accept: bool = _key(True, _bool, "accept authenticated inbound peer links on the bot link")
     static: tuple[str, ...] = _key((), _str_list)
     require_same_hash: bool = _key(False, _bool)
     forward: str | tuple[str, ...] = _key("all", _forward)

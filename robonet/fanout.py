@@ -15,8 +15,8 @@ from collections.abc import Callable, Hashable
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from zope.interface import implementer
 
+from robonet.interfaces import StatsSink
 from robonet.model import Priority
-from robonet.stats import Stats
 
 
 @implementer(IPushProducer)
@@ -36,7 +36,7 @@ class OutboundQueue:
         max_bytes: int,
         slow_timeout: float,
         on_slow: Callable[[], object],
-        stats: Stats | None = None,
+        stats: StatsSink | None = None,
     ) -> None:
         self._write = write
         self._clock = clock

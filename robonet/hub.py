@@ -43,6 +43,7 @@ from robonet.registry import Device, Registry
 from robonet.stats import Stats
 
 if TYPE_CHECKING:
+    from robonet.interfaces import PeerAcceptor, PeerDirectory, PeerService
     from robonet.model import Link
 
 Callback = Callable[[Message, Device], object]
@@ -101,8 +102,8 @@ class Hub(Service):
         self.stats = Stats(clock.seconds())
         self.commands = frozenset(config.hub.commands)
         self.faces: dict[str, list[str]] = {}
-        self.peers: Any = None  # the PeerService, when federation runs
-        self.peer_acceptor: Any = None  # accepts inbound role=peer hellos on the bot link
+        self.peers: PeerDirectory | None = None  # the PeerService, while attached (attach_peers)
+        self.peer_acceptor: PeerAcceptor | None = None  # accepts inbound role=peer hellos on the bot link
         self.auth: Any = None  # robonet.auth.Auth; None: no authorization (tests, open mode)
         self.audit: Any = None  # robonet.audit.AuditLog; None: commands are not audited
         self.leases: Any = None  # robonet.lease.Leases; None: no control lease
@@ -268,6 +269,17 @@ class Hub(Service):
                 outcome="ok" if old is None else f"ok: taken from {old.holder_name}",
             )
         return dict(self.leases.holder(device_id).as_dict())
+
+    def rename(self, device: Device, name: str) -> None:
+        """Set ``device``'s display name (cut to 128 characters); observers get ``device_update``.
+
+        Nothing happens when the name is unchanged, so a face may call it for every message that
+        carries a name (e.g. a staircase robot's ``device_name``).
+        """
+        name = name[:128]
+        if device.name != name:
+            device.name = name
+            self.registry.update(device)
 
     def _on_registry_event(self, event: str, dev: Device) -> None:
         if dev.hub == "":
@@ -568,6 +580,18 @@ class Hub(Service):
         return defer.maybeDeferred(fn, data, origin).addErrback(crashed)
 
     # -- peers (delegated to the PeerService when federation runs) --
+
+    def attach_peers(self, service: PeerService) -> None:
+        """Delegate peer_list and peer messages to ``service``; its ``acceptor`` (None: refuse)
+        takes inbound ``role: "peer"`` hellos on the bot link. Called by the PeerService on start."""
+        self.peers = service
+        self.peer_acceptor = service.acceptor
+
+    def detach_peers(self, service: PeerService) -> None:
+        """Undo :meth:`attach_peers` if ``service`` is still the attached one (it is stopping)."""
+        if self.peers is service:
+            self.peers = None
+            self.peer_acceptor = None
 
     def broadcast_to_peers(self, body: Any) -> int:
         """Send ``{"type":"peer_message","from":node_id,"data":body}`` to every linked peer; returns count."""

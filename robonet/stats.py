@@ -73,6 +73,14 @@ class Stats:
         m[mtype] = m.get(mtype, 0) + 1
         self.bytes_out += nbytes
 
+    def bytes_received(self, nbytes: int) -> None:
+        """``nbytes`` of payload read by a face, counted apart from any message (framing, partial reads)."""
+        self.bytes_in += nbytes
+
+    def bytes_sent(self, nbytes: int) -> None:
+        """``nbytes`` written by a face, counted apart from any message (batched writes)."""
+        self.bytes_out += nbytes
+
     def error(self, code: str) -> None:
         """One error of spec code ``code`` (bad_json, frame_too_large, ...)."""
         self.errors[code] = self.errors.get(code, 0) + 1

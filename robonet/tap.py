@@ -204,7 +204,9 @@ def build_service(config: Config, reactor: Any, *, demo: bool = False) -> MultiS
         discovery = DiscoveryService(config, hub, node, reactor)
         discovery.setServiceParent(top)
 
-    if config.botlink.listen and (config.peers.static or (config.peers.auto and discovery is not None)):
+    if config.botlink.listen:
+        # Always with the bot link: peers.auto / peers.accept decide what it does, and peer_list
+        # shows discovered hubs even when nothing is dialled.
         from robonet.services.peers import PeerService
 
         PeerService(config, hub, node, reactor, discovery=discovery).setServiceParent(top)

@@ -30,7 +30,7 @@ from robonet.protocols.peering import (
     hmac_proof,
 )
 from robonet.registry import Device
-from robonet.services.peerlink import Dialler, PeerClientProtocol
+from robonet.services.peerconn import Dialler, PeerClientProtocol
 from robonet.services.peers import PeerService, StaticPeer, parse_static
 
 SECRET = "correct horse battery staple"
@@ -739,3 +739,191 @@ class DiscoveryFollowTests(PeerTestCase):
         self.assertEqual(a.diallers, {})
         entry = a.peer_list()
         self.assertEqual(entry, {"peers": []})
+
+
+class FakeChannel:
+    """A PeerChannel that records the frames a PeerLink writes (no transport: no producer)."""
+
+    transport = None
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.closed: list[tuple[str, str]] = []
+
+    def write_frame(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    def close_with_error(self, code: str, message: str) -> None:
+        self.closed.append((code, message))
+
+
+class AckChecksumTests(PeerTestCase):
+    """The ack of a forwarded peer_command carries the additive sum of the payload we sent."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.a = self.side(NODE_A)
+        self.channel = FakeChannel()
+        from robonet.services.peerlink import PeerLink
+
+        self.link = PeerLink(
+            self.a.svc,
+            self.channel,
+            PeerInfo(NODE_B.node_id, "hub-b", "0.1.0"),
+            address="127.0.0.1:5100",
+            authenticated=True,
+            dialled=True,
+        )
+
+    def send(self) -> tuple[defer.Deferred[Any], int, int]:
+        """Forward one command; returns its Deferred, the frame's id and its payload's sum."""
+        d = self.link.send_command(Command("robot_move", {"type": "robot_move", "x": 1}, "w", "robot_01"))
+        frame = self.channel.frames[-1]
+        payload = frame[4:]
+        obj = orjson.loads(payload)
+        self.assertEqual(obj["type"], "peer_command")
+        return d, obj["id"], sum(payload) & 0xFFFFFFFF
+
+    def ack(self, obj: dict[str, Any]) -> None:
+        self.link.frame_received(obj, orjson.dumps(obj))
+
+    def test_right_sum_acks(self) -> None:
+        """An ack whose sum matches completes the delivery."""
+        d, mid, checksum = self.send()
+        self.ack({"type": "ack", "id": mid, "sum": checksum})
+        self.assertIsNone(self.successResultOf(d))
+        self.assertNotIn("bad_checksum", self.a.hub.stats.errors)
+
+    def test_wrong_sum_fails_and_is_counted(self) -> None:
+        """An ack with another sum (the peer got other bytes) fails the delivery with bad_checksum."""
+        d, mid, checksum = self.send()
+        self.ack({"type": "ack", "id": mid, "sum": (checksum + 1) & 0xFFFFFFFF})
+        self.assertEqual(self.failureResultOf(d, HubError).value.code, "bad_checksum")
+        self.assertEqual(self.a.hub.stats.errors["bad_checksum"], 1)
+
+    def test_non_integer_sum_fails(self) -> None:
+        """A sum that is not an integer is a mismatch too."""
+        d, mid, checksum = self.send()
+        self.ack({"type": "ack", "id": mid, "sum": str(checksum)})
+        self.assertEqual(self.failureResultOf(d, HubError).value.code, "bad_checksum")
+
+    def test_peer_command_device_id_rule(self) -> None:
+        """A peer_command whose device_id breaks the envelope's id rule is bad_frame, never routed."""
+        for bad in (5, "", "a b", "x" * 129, None):
+            self.channel.frames.clear()
+            self.link.frame_received(
+                {"type": "peer_command", "id": 4, "device_id": bad, "command": {"type": "stop"}}, b"{}"
+            )
+            [frame] = self.channel.frames
+            err = orjson.loads(frame[4:])
+            self.assertEqual((err["type"], err["code"], err["ref"]), ("error", "bad_frame", 4), bad)
+
+    def test_sum_is_optional(self) -> None:
+        """An ack without sum is accepted (the sum is optional for senders)."""
+        d, mid, _ = self.send()
+        self.ack({"type": "ack", "id": mid})
+        self.assertIsNone(self.successResultOf(d))
+
+
+class WiringTests(unittest.SynchronousTestCase):
+    """tap.build_service builds the PeerService whenever the bot link listens; peers.accept and
+    peers.auto decide what it does (no sockets: nothing but the PeerService is started)."""
+
+    def build(self, discovery: bool = False, **peers_cfg: Any) -> tuple[Hub, PeerService | None, Any]:
+        from robonet.tap import build_service
+
+        config = load_config(
+            environ={},
+            overrides={
+                "hub": {"project_id": "lab", "state_dir": self.mktemp()},
+                "peers": {"secret": SECRET, **peers_cfg},
+                "discovery": {"enabled": discovery, "mdns": False},
+                "store": {"enabled": False},
+                "camera": {"enabled": False},
+                "web": {"listen": []},
+                "line": {"listen": []},
+            },
+        )
+        clock = task.Clock()
+        top = build_service(config, clock)
+        hub = top.getServiceNamed("hub")
+        peers = top.namedServices.get("peers")
+        if peers is not None:
+            peers.startService()
+            self.addCleanup(peers.stopService)
+        return hub, peers, clock
+
+    def hello(self, hub: Hub, clock: task.Clock, host: str = "10.1.2.3") -> dict[str, Any]:
+        """Send a peer hello to this hub's bot link; return its first answer."""
+        factory = BotLinkFactory(hub, hub.config.botlink, clock, hub.config.auth)
+        addr = IPv4Address("TCP", host, 40000)
+        proto = factory.buildProtocol(addr)
+        transport = StringTransport(peerAddress=addr)
+        proto.makeConnection(transport)
+        proto.dataReceived(encode_obj(DiallerHandshake(NODE_C, SECRET).hello()))
+        frames = [orjson.loads(p) for p in FrameDecoder(1 << 20).feed(transport.value())]
+        self.addCleanup(transport.loseConnection)
+        return frames[0]  # type: ignore[no-any-return]
+
+    def test_accepts_without_static_or_discovery(self) -> None:
+        """No peers.static, no discovery: an authenticated peer hello still gets a challenge
+        (before: ``bad_hello: this hub does not accept peer links``)."""
+        hub, peers, clock = self.build()
+        self.assertIsNotNone(peers)
+        self.assertIs(hub.peer_acceptor, peers)
+        self.assertEqual(self.hello(hub, clock)["type"], "challenge")
+
+    def test_accept_false_refuses(self) -> None:
+        """peers.accept = false: the service runs (peer_list) but peer hellos are refused."""
+        hub, peers, clock = self.build(accept=False)
+        self.assertIs(hub.peers, peers)
+        self.assertIsNone(hub.peer_acceptor)
+        answer = self.hello(hub, clock)
+        self.assertEqual((answer["type"], answer["code"]), ("error", "bad_hello"))
+        self.assertEqual(hub.stats.errors["bad_hello"], 1)
+
+    def test_no_bot_link_no_peer_service(self) -> None:
+        """Without a bot link listener there is nothing to link over: no PeerService."""
+        from robonet.tap import build_service
+
+        config = load_config(
+            environ={},
+            overrides={
+                "hub": {"state_dir": self.mktemp()},
+                "botlink": {"listen": []},
+                "discovery": {"enabled": False},
+                "store": {"enabled": False},
+                "camera": {"enabled": False},
+                "web": {"listen": []},
+                "line": {"listen": []},
+            },
+        )
+        top = build_service(config, task.Clock())
+        self.assertNotIn("peers", top.namedServices)
+
+    def test_peer_list_shows_discovered_with_auto_off(self) -> None:
+        """peers.auto = false and no static entry: discovered hubs are still listed (discovered)."""
+        from robonet.services.discovery import KnownNode
+
+        hub, peers, clock = self.build(auto=False, discovery=True)
+        assert peers is not None
+        discovery = peers.discovery
+        self.assertIsNotNone(discovery)
+        node = KnownNode(
+            NODE_B.node_id,
+            "hub-b",
+            "lab",
+            "0.1.0",
+            NODE_B.hash,
+            "192.168.1.20",
+            "192.168.1.20",
+            5100,
+            {},
+            0.0,
+            0.0,
+        )
+        discovery.nodes[node.node_id] = node
+        result = self.successResultOf(hub.request("peer_list", None, "test"))
+        [entry] = result["peers"]
+        self.assertEqual((entry["node_id"], entry["state"]), (NODE_B.node_id, "discovered"))
+        self.assertEqual(peers.diallers, {})

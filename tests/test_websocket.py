@@ -1077,3 +1077,125 @@ class SlowWebsiteTests(unittest.SynchronousTestCase):
         self.assertEqual(ws.text_frame(b"ab"), b"\x81\x02ab")
         self.assertEqual(ws.text_frame(b"x" * 126)[:4], b"\x81\x7e\x00\x7e")
         self.assertEqual(ws.text_frame(b"x" * 70000)[:10], b"\x81\x7f" + (70000).to_bytes(8, "big"))
+
+
+class SeamRegressionTests(unittest.SynchronousTestCase):
+    """Issue 11 defects of the relay: each failed before the fix."""
+
+    def test_request_result_not_json_gets_an_error(self) -> None:
+        """An endpoint returning a value JSON cannot carry gets an ``internal`` error response
+        (as on the bot and line links), counted; before, the request got no answer at all."""
+        relay = Relay(self)
+        relay.hub.register_endpoint("weird", lambda data, origin: {"x": object()})
+        site = relay.website()
+        robot = relay.robot("robot_01")
+        site.take()
+        for client in (site, robot):
+            client.send_obj({"type": "request", "id": 3, "endpoint": "weird"})
+            relay.flush()
+            self.assertEqual(
+                client.take(),
+                [
+                    {
+                        "type": "response",
+                        "id": 3,
+                        "status": "error",
+                        "code": "internal",
+                        "message": "endpoint result is not JSON-serialisable",
+                    }
+                ],
+            )
+        self.assertEqual(relay.hub.stats.errors["internal"], 2)
+
+    def test_admin_token_works_for_robots_and_websites(self) -> None:
+        """An ``admin`` (or ``any``) token opens robot and website connections, as on the bot link."""
+        relay = Relay(self, auth={"mode": "token", "tokens": {"adm": "admin", "all": "any", "r": "robot"}})
+        for token in ("adm", "all"):
+            robot = relay.connect(f"?device_id=r_{token}&token={token}")
+            self.assertEqual(robot.take()[0]["device_type"], "robot")
+            site = relay.connect(f"?token={token}")
+            self.assertEqual(site.take()[0]["device_type"], "website")
+        self.assertIn("[400]", relay.refused("?token=r"))  # a robot token still needs device_id
+        self.assertIn("[401]", relay.refused("?device_id=x&token=nope"))
+
+    def test_token_rule(self) -> None:
+        """staircase.token_role: the one rule for ?token= (unknown, robot without id, website with id)."""
+        from robonet.protocols.staircase import token_role
+
+        tokens = {"r": "robot", "w": "website", "a": "admin"}
+        self.assertEqual(token_role(tokens, "", ""), "unknown")
+        self.assertEqual(token_role(tokens, "zz", "x"), "unknown")
+        self.assertEqual(token_role(tokens, "r", ""), "needs_device_id")
+        self.assertEqual(token_role(tokens, "w", "x"), "not_robot")
+        self.assertEqual(
+            [token_role(tokens, t, d) for t, d in (("r", "x"), ("w", ""), ("a", ""), ("a", "x"))], [""] * 4
+        )
+
+    def test_robot_device_name_is_relayed(self) -> None:
+        """A robot's own ``device_name`` (robot_client.py sends "Robot robot_01") is relayed in
+        telemetry_update; without one the id stands in (the original server's fallback)."""
+        relay = Relay(self)
+        site = relay.website()
+        robot = relay.robot("robot_01")
+        site.take()
+        robot.send_obj({"type": "telemetry", "device_name": "Robot robot_01", "battery": 85.0})
+        relay.flush()
+        updates = [m for m in site.take() if m["type"] == "telemetry_update"]
+        self.assertEqual([u["device_name"] for u in updates], ["Robot robot_01"])
+        self.assertEqual(relay.hub.registry.get("robot_01").name, "Robot robot_01")  # type: ignore[union-attr]
+        other = relay.robot("robot_02")
+        other.send_obj({"type": "telemetry", "battery": 50.0})
+        relay.flush()
+        updates = [m for m in site.take() if m["type"] == "telemetry_update"]
+        self.assertEqual([u["device_name"] for u in updates], ["robot_02"])
+
+    def test_device_name_change_is_announced_once(self) -> None:
+        """The name is taken from each message; websites get one device_update when it changes."""
+        relay = Relay(self)
+        site = relay.website()
+        robot = relay.robot("robot_01")
+        site.take()
+        for _ in range(3):
+            robot.send_obj({"type": "telemetry", "device_name": "Robot A", "battery": 1.0})
+        relay.flush()
+        got = site.take()
+        self.assertEqual([m["event"] for m in got if m["type"] == "device_update"], ["device_update"])
+        self.assertEqual([m["device_name"] for m in got if m["type"] == "telemetry_update"], ["Robot A"] * 3)
+
+    def test_autobahn_timers_run_on_the_injected_clock(self) -> None:
+        """Autobahn's keepalive runs on the relay's clock: a ping after AUTO_PING_INTERVAL of the
+        test clock, and a peer that never answers it is dropped AUTO_PING_TIMEOUT later."""
+        relay = Relay(self)
+        robot = relay.robot("robot_01")
+        pings: list[Any] = []
+        robot.onPing = pings.append  # type: ignore[method-assign]  # never answers with a pong
+        relay.clock.advance(ws.AUTO_PING_INTERVAL + 1)
+        relay.flush()
+        self.assertEqual(len(pings), 1)
+        self.assertIsNone(robot.closed)
+        relay.clock.advance(ws.AUTO_PING_TIMEOUT + 1)
+        relay.flush()
+        self.assertIsNotNone(robot.closed)
+        self.assertEqual(relay.hub.registry.get("robot_01").status, "offline")  # type: ignore[union-attr]
+
+    def test_clock_timer(self) -> None:
+        """ClockTimer.call_later runs on the given clock; cancel() is safe before and after it ran."""
+        clock = MemoryReactorClock()
+        calls: list[int] = []
+        timer = ws.ClockTimer(clock)
+        done = timer.call_later(2.0, calls.append, 1)
+        dropped = timer.call_later(2.0, calls.append, 2)
+        dropped.cancel()
+        clock.advance(2.0)
+        self.assertEqual(calls, [1])
+        done.cancel()
+        dropped.cancel()
+
+    def test_use_clock_fails_loudly(self) -> None:
+        """If Autobahn stops providing the timer attribute, use_clock raises instead of leaving
+        timers on the global reactor."""
+
+        class Bare:
+            pass
+
+        self.assertRaises(RuntimeError, ws.use_clock, Bare(), MemoryReactorClock())  # type: ignore[arg-type]

@@ -8,9 +8,10 @@ before a peer link is up: hello -> challenge -> proof -> welcome.
 - :class:`DiallerHandshake` (dialling side) and :class:`ResponderHandshake` (accepting side): each
   takes the other side's decoded frame and returns the next frame to send, or raises
   :class:`HandshakeError` with the spec's error code;
-- :class:`PeerInfo`: who is at the other end once the handshake is complete.
+- :class:`PeerInfo`: who is at the other end once the handshake is complete;
+- :class:`StaticPeer` / :func:`parse_static`: a ``peers.static`` entry (where to dial).
 
-The connections that carry these frames live in :mod:`robonet.services.peerlink`.
+The connections that carry these frames live in :mod:`robonet.services.peerconn`.
 """
 
 from __future__ import annotations
@@ -214,3 +215,55 @@ class ResponderHandshake:
             "heartbeat_s": HEARTBEAT_S,
             "max_frame": self.max_frame,
         }
+
+
+@attrs.frozen
+class StaticPeer:
+    """A ``peers.static`` entry: ``host:port``, ``tcp:host:port``, ``ssl:host:port[:ca=FILE][:hostname=N]``.
+
+    ``host=`` and ``port=`` keyword forms are accepted too; IPv6 hosts go in brackets.
+    """
+
+    entry: str
+    host: str
+    port: int
+    tls: bool = False
+    ca: str = ""
+    hostname: str = ""
+
+
+def parse_static(entry: str) -> StaticPeer:
+    """Parse one ``peers.static`` entry. Raises ValueError naming the problem."""
+    text = entry.strip()
+    tls = False
+    for prefix, is_tls in (("tcp:", False), ("ssl:", True), ("tls:", True)):
+        if text.startswith(prefix):
+            text, tls = text[len(prefix) :], is_tls
+            break
+    host = ""
+    if text.startswith("["):
+        host, _, text = text[1:].partition("]")
+        text = text.removeprefix(":")
+    parts = [p for p in text.split(":") if p] if text else []
+    port = 0
+    options: dict[str, str] = {}
+    positional = []
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if eq:
+            options[key] = value
+        else:
+            positional.append(part)
+    if not host:
+        host = options.pop("host", "") or (positional.pop(0) if positional else "")
+    port_text = options.pop("port", "") or (positional.pop(0) if positional else "")
+    if positional:
+        raise ValueError(f"peers.static: cannot parse {entry!r}")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"peers.static: expected host:port, got {entry!r}")
+    port = int(port_text)
+    ca = options.pop("ca", "") or options.pop("trustRoots", "")
+    hostname = options.pop("hostname", "")
+    if options:
+        raise ValueError(f"peers.static: unknown option(s) {sorted(options)} in {entry!r}")
+    return StaticPeer(entry, host, port, tls, ca, hostname)

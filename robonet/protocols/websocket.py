@@ -1,11 +1,10 @@
 """The WebSocket relay for robots and dashboards (spec/websocket.md), on Autobahn.
 
-Two parts, as everywhere in robonet:
-
-- pure helpers at the top: the exact JSON shapes of the original staircase-robot server (greetings,
-  notices, acks with Python-printed values, errors) and the server-to-client text frame encoder;
-- thin Autobahn classes below: :class:`RelayFactory` (options, limits, the website group, the
-  deadman) and :class:`RelayProtocol` (one connection, robot or website).
+The staircase dialect's exact shapes and rules are pure functions in
+:mod:`robonet.protocols.staircase`; the deadman is :class:`robonet.teleop.Deadman`. This module is
+the thin Autobahn side: :func:`configure_factory` (limits, and Autobahn's timers on the injected
+clock), :class:`RelayFactory` (options, the website group, the deadman, write batching) and
+:class:`RelayProtocol` (one connection, robot or website).
 
 A connection whose query string has ``device_id`` is a **robot**: a :class:`~robonet.model.Link` the
 hub delivers commands through. Any other is a **website** (``website-<n>``): the factory's
@@ -17,15 +16,10 @@ connection is owed within one reactor iteration goes out in one ``transport.writ
 
 from __future__ import annotations
 
-import fnmatch
-import struct
-from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import orjson
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
@@ -35,15 +29,76 @@ from zope.interface import implementer
 import robonet
 from robonet.fanout import OutboundQueue
 from robonet.model import Command, Event, HubError, Message, Priority
+from robonet.protocols.envelope import (
+    MAX_DEVICE_ID,
+    command_target,
+    encode_response,
+    failure_code,
+    response_error_obj,
+    valid_device_id,
+)
+from robonet.protocols.staircase import (  # re-exported: the relay's public helpers
+    BINARY_ERROR,
+    INVALID_JSON,
+    MOTION_COMMANDS,
+    NO_ACK_TYPES,
+    ROBOT,
+    TELEMETRY_ACK,
+    VIDEO_ACK,
+    WEBSITE,
+    ack_json,
+    ack_message,
+    error_json,
+    origin_allowed,
+    py_str,
+    robot_name,
+    robot_notice_json,
+    robot_welcome_json,
+    text_frame,
+    token_role,
+    website_welcome_json,
+)
+from robonet.protocols.wsoptions import (  # re-exported for web.py and the other WebSocket faces
+    AUTO_PING_INTERVAL,
+    AUTO_PING_TIMEOUT,
+    CLOSE_HANDSHAKE_TIMEOUT,
+    ClockTimer,
+    EchoFactory,
+    EchoProtocol,
+    configure_factory,
+    deflate_accept,
+    use_clock,
+)
+from robonet.teleop import Deadman
+
+# Names other faces imported before the split (kept so their branches merge unchanged).
+_deflate_accept = deflate_accept
+_use_clock = use_clock
 
 if TYPE_CHECKING:
-    from robonet.config import Config
-    from robonet.hub import Hub
+    from robonet.interfaces import FaceHub
     from robonet.registry import Device
 
+__all__ = [
+    "AUTO_PING_INTERVAL",
+    "AUTO_PING_TIMEOUT",
+    "CLOSE_HANDSHAKE_TIMEOUT",
+    "Deadman",
+    "EchoFactory",
+    "EchoProtocol",
+    "MOTION_COMMANDS",
+    "RelayFactory",
+    "RelayProtocol",
+    "WebsiteGroup",
+    "ClockTimer",
+    "configure_factory",
+    "deflate_accept",
+    "use_clock",
+    "origin_allowed",
+    "text_frame",
+]
+
 FACE = "web"
-ROBOT = "robot"
-WEBSITE = "website"
 
 # Close codes (RFC 6455 section 7.4.1).
 CLOSE_NORMAL = 1000
@@ -51,246 +106,12 @@ CLOSE_POLICY = 1008
 # Seconds a connection closed for being slow gets to read what it is owed plus our close frame
 # before the TCP connection is aborted (it may simply be a frozen tab that wakes up).
 SLOW_CLOSE_GRACE = 30.0
-# Autobahn's WebSocket-level keepalive: ping an idle peer, drop it when no pong comes back.
-AUTO_PING_INTERVAL = 25.0
-AUTO_PING_TIMEOUT = 20.0
-CLOSE_HANDSHAKE_TIMEOUT = 3.0
-MAX_DEVICE_ID = 128
-MOTION_COMMANDS = ("robot_move", "camera_move")
-
-
-# --- pure part: the original server's exact shapes ---------------------------------------------
-
-
-def py_str(value: Any) -> str:
-    """``value`` as the original Python server printed it in its messages (``str()``).
-
-    The value is what the JSON decoder produced: ``0.5`` -> ``"0.5"``, ``60`` -> ``"60"``,
-    ``None`` -> ``"None"``, ``True`` -> ``"True"``, strings unchanged.
-    """
-    return value if isinstance(value, str) else str(value)
-
-
-def ack_message(cmd_type: str, body: dict[str, Any]) -> str:
-    """The ``message`` of the ack a website gets for command ``cmd_type`` (spec "Ack messages").
-
-    ``set`` {name: speed|brightness} reads as set_speed/set_brightness; commands the original did
-    not know read ``Command received: <type>``.
-    """
-    if cmd_type == "set":
-        name = body.get("name")
-        if name == "speed":
-            cmd_type = "set_speed"
-        elif name == "brightness":
-            cmd_type = "set_brightness"
-    if cmd_type == "robot_move":
-        return f"Command received: Robot move x={py_str(body.get('x'))}, y={py_str(body.get('y'))}"
-    if cmd_type == "camera_move":
-        return f"Command received: Camera move x={py_str(body.get('x'))}, y={py_str(body.get('y'))}"
-    if cmd_type == "set_speed":
-        return f"Command received: Speed set to {py_str(body.get('value'))}%"
-    if cmd_type == "set_brightness":
-        return f"Command received: Brightness set to {py_str(body.get('value'))}%"
-    return f"Command received: {cmd_type}"
-
-
-def ack_json(original_type: str, message: str) -> bytes:
-    """``{"type":"ack","original_type":T,"status":"received","message":M}``."""
-    return orjson.dumps(
-        {"type": "ack", "original_type": original_type, "status": "received", "message": message}
-    )
-
-
-def error_json(code: str, original_type: Any = None, message: str | None = None) -> bytes:
-    """``{"type":"error","code":C,"original_type":T[,"message":M]}`` (robonet's error shape)."""
-    obj: dict[str, Any] = {"type": "error", "code": code, "original_type": original_type}
-    if message is not None:
-        obj["message"] = message
-    return orjson.dumps(obj)
-
-
-def robot_welcome_json(device_id: str) -> bytes:
-    """What a robot gets when it connects."""
-    return orjson.dumps(
-        {
-            "status": "connected",
-            "device_type": "robot",
-            "device_id": device_id,
-            "message": f"Robot {device_id} connected to server",
-        }
-    )
-
-
-def website_welcome_json(website_id: str) -> bytes:
-    """What a website gets when it connects (``website_id`` is robonet's additive field)."""
-    return orjson.dumps(
-        {
-            "status": "connected",
-            "device_type": "website",
-            "message": "Dashboard connected to server",
-            "website_id": website_id,
-        }
-    )
-
-
-_NOTICE_TEXT = {
-    "connected": ("connected", "Robot {} has connected"),
-    "disconnected": ("disconnected", "Robot {} has disconnected"),
-    "currently": ("connected", "Robot {} is currently connected"),
+# The refusals of staircase.token_role, as HTTP status and reason.
+_TOKEN_REFUSALS = {
+    "unknown": (401, "Unauthorized"),
+    "needs_device_id": (ConnectionDeny.BAD_REQUEST, "a robot token needs device_id"),
+    "not_robot": (ConnectionDeny.FORBIDDEN, "token does not allow a robot connection"),
 }
-
-
-def robot_notice_json(device_id: str, kind: str) -> bytes:
-    """The original ``robot_status`` notice for websites; ``kind`` connected|disconnected|currently."""
-    status, text = _NOTICE_TEXT[kind]
-    return orjson.dumps(
-        {
-            "type": "robot_status",
-            "status": status,
-            "device_type": "robot",
-            "device_id": device_id,
-            "message": text.format(device_id),
-        }
-    )
-
-
-INVALID_JSON = b'{"error":"Invalid JSON format"}'
-TELEMETRY_ACK = ack_json("telemetry", "Telemetry data received and saved")
-VIDEO_ACK = ack_json("video_frame", "Video frame received")
-BINARY_ERROR = orjson.dumps(
-    {"type": "error", "code": "bad_frame", "message": "binary messages are not supported; send JSON text"}
-)
-# Robot data types that get no ack (the original only forwarded them).
-NO_ACK_TYPES = frozenset(("status",))
-
-_HDR16 = struct.Struct("!BBH").pack
-_HDR64 = struct.Struct("!BBQ").pack
-
-
-def text_frame(payload: bytes) -> bytes:
-    """One unmasked, unfragmented server-to-client text frame (RFC 6455 section 5.2) for ``payload``.
-
-    Used instead of Autobahn's per-connection ``sendMessage`` so a fan-out message is framed once
-    for every website and several frames can go out in one ``transport.write``. Such frames are
-    valid on permessage-deflate connections too (RSV1 clear = not compressed).
-    """
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return _HDR16(0x81, 126, n) + payload
-    return _HDR64(0x81, 127, n) + payload
-
-
-def origin_allowed(origin: str, host: str, allowed: Iterable[str]) -> bool:
-    """Whether a browser's ``Origin`` header may open a dashboard connection.
-
-    ``allowed`` is ``web.allowed_origins``: entries are origins such as ``http://hub.local:8000``,
-    shell-style patterns (``https://*.example.org``) or ``*``; ``null`` must be listed to allow the
-    ``null`` origin. Empty means the page's own host: the origin's host and port must equal the
-    request's ``Host`` header (default ports 80/443 implied by the scheme).
-    """
-    origin = origin.strip().lower()
-    patterns = [a.strip().lower().rstrip("/") for a in allowed]
-    if patterns:
-        return any(p == "*" or p == origin or fnmatch.fnmatchcase(origin, p) for p in patterns)
-    if origin == "null":
-        return False
-    try:
-        parts = urlsplit(origin)
-        o_host, o_port = parts.hostname, parts.port
-        scheme = parts.scheme
-    except ValueError:
-        return False
-    if scheme not in ("http", "https") or not o_host:
-        return False
-    default = 443 if scheme == "https" else 80
-    try:
-        h = urlsplit("//" + host.strip().lower())
-        h_host, h_port = h.hostname, h.port
-    except ValueError:
-        return False
-    return o_host == h_host and (o_port or default) == (h_port or default)
-
-
-def valid_device_id(device_id: str) -> bool:
-    """A robot id from the query string: 1..128 printable characters, no spaces."""
-    return 0 < len(device_id) <= MAX_DEVICE_ID and device_id.isprintable() and " " not in device_id
-
-
-def is_stop(body: dict[str, Any]) -> bool:
-    """A motion command that stops (x and y both zero)."""
-    x, y = body.get("x"), body.get("y")
-    return x == 0 and y == 0 and not isinstance(x, bool) and not isinstance(y, bool)
-
-
-# --- deadman -------------------------------------------------------------------------------------
-
-
-class Deadman:
-    """Stops robots whose driver went away (spec "Robonet guarantees beyond the original").
-
-    Remembers, per robot and motion command type (robot_move, camera_move), which website sent the
-    last one. :meth:`website_gone` sends ``{x:0, y:0}`` of each type that website was the last to
-    send. With ``deadman_ms`` > 0, a moving robot (last command not a stop) that gets no motion
-    command of that type for ``deadman_ms`` is stopped too. Stops go through ``hub.command`` with
-    origin ``deadman``; failures (robot already gone) are ignored.
-    """
-
-    _log = Logger()
-
-    def __init__(self, hub: Hub, clock: IReactorTime, deadman_ms: int) -> None:
-        self.hub = hub
-        self.clock = clock
-        self.timeout = deadman_ms / 1000.0
-        self._drivers: dict[tuple[str, str], str] = {}
-        self._timers: dict[tuple[str, str], IDelayedCall] = {}
-
-    def moved(self, website_id: str, cmd_type: str, body: dict[str, Any], robots: Iterable[str]) -> None:
-        """``website_id`` sent motion command ``cmd_type`` (``body``) to ``robots``."""
-        stop = is_stop(body)
-        for robot in robots:
-            key = (robot, cmd_type)
-            self._drivers[key] = website_id
-            if self.timeout > 0:
-                old = self._timers.pop(key, None)
-                if old is not None and old.active():
-                    old.cancel()
-                if not stop:
-                    self._timers[key] = self.clock.callLater(self.timeout, self._expired, key)
-
-    def website_gone(self, website_id: str) -> list[tuple[str, str]]:
-        """Stop everything ``website_id`` was the last to move; returns the (robot, type) stopped."""
-        stopped = [key for key, driver in self._drivers.items() if driver == website_id]
-        for key in stopped:
-            del self._drivers[key]
-            timer = self._timers.pop(key, None)
-            if timer is not None and timer.active():
-                timer.cancel()
-            self._stop(key, f"website {website_id} disconnected")
-        return stopped
-
-    def _expired(self, key: tuple[str, str]) -> None:
-        self._timers.pop(key, None)
-        self._stop(key, f"no {key[1]} for {self.timeout * 1000:g} ms")
-
-    def _stop(self, key: tuple[str, str], why: str) -> None:
-        robot, cmd_type = key
-        self._log.info(
-            "deadman: stopping {robot} ({cmd_type}): {why}",
-            robot=robot,
-            cmd_type=cmd_type,
-            why=why,
-        )
-        d = self.hub.command({"type": cmd_type, "x": 0, "y": 0}, origin="deadman", target=robot)
-        d.addErrback(lambda f: None)
-
-    def stop(self) -> None:
-        """Cancel every timer (the service is stopping)."""
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
 
 
 # --- the website group: one hub subscriber for all websites ----------------------------------------
@@ -304,7 +125,7 @@ class WebsiteGroup:
     original ``robot_status`` connected/disconnected notice, whatever face the robot is on.
     """
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: FaceHub) -> None:
         self.hub = hub
         self.members: dict[str, RelayProtocol] = {}
 
@@ -330,14 +151,8 @@ class WebsiteGroup:
                 continue
             if q.paused or q.closed:
                 q.put(frame, priority, key)  # held, conflated or dropped by the queue
-                continue
-            # Hot path, same as q.put() -> member._owe() for a queue that is not paused.
-            pending = member._pending
-            if pending is None:
-                member._pending = [frame]
-                member.factory.mark_dirty(member)
             else:
-                pending.append(frame)
+                member.owe(frame)  # hot path: what q.put() does for a queue that is not paused
 
     def broadcast(self, payload: bytes, priority: Priority = Priority.CONTROL) -> None:
         """Send ``payload`` (one JSON document) to every website."""
@@ -351,55 +166,6 @@ class WebsiteGroup:
 # --- factory ---------------------------------------------------------------------------------------
 
 
-def _deflate_accept(max_message: int) -> Callable[[list[Any]], PerMessageDeflateOfferAccept | None]:
-    """Accept a client's permessage-deflate offer only with an inflation cap of ``max_message``."""
-
-    def accept(offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
-        for offer in offers:
-            if isinstance(offer, PerMessageDeflateOffer):
-                return PerMessageDeflateOfferAccept(offer, max_message_size=max_message)
-        return None
-
-    return accept
-
-
-def _use_clock(factory: WebSocketServerFactory, clock: IReactorTime) -> None:
-    """Run Autobahn's handshake/ping/close timers on the injected clock instead of the global reactor."""
-    try:
-        from txaio._common import _BatchedTimer
-    except ImportError:  # pragma: no cover - txaio internals moved; keep Autobahn's own timer
-        return
-    factory._batched_timer = _BatchedTimer(
-        200.0, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
-    )
-
-
-def configure_factory(factory: WebSocketServerFactory, config: Config, clock: IReactorTime) -> None:
-    """Apply robonet's WebSocket limits to ``factory`` (HARDENING.md, web rows).
-
-    Frame and message payloads are capped at ``web.max_message`` (bigger -> close 1009, decided
-    from the frame header or while inflating); permessage-deflate is accepted only with that same
-    cap on the inflated size; UTF-8 is validated (invalid -> close 1007); failing connections get
-    a close frame rather than a bare TCP drop; the opening handshake must finish within
-    ``web.header_timeout``; idle peers are pinged. The echo resource uses the same options.
-    """
-    web = config.web
-    factory.setProtocolOptions(
-        maxFramePayloadSize=web.max_message,
-        maxMessagePayloadSize=web.max_message,
-        perMessageCompressionAccept=_deflate_accept(web.max_message),
-        utf8validateIncoming=True,
-        failByDrop=False,
-        openHandshakeTimeout=web.header_timeout,
-        closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
-        autoPingInterval=AUTO_PING_INTERVAL,
-        autoPingTimeout=AUTO_PING_TIMEOUT,
-        autoFragmentSize=0,
-        webStatus=False,
-    )
-    _use_clock(factory, clock)
-
-
 class RelayFactory(WebSocketServerFactory):
     """Builds :class:`RelayProtocol` connections for ``/ws/telemetry/`` (mount with WebSocketResource).
 
@@ -410,7 +176,7 @@ class RelayFactory(WebSocketServerFactory):
 
     _log = Logger()
 
-    def __init__(self, hub: Hub, reactor: IReactorTime) -> None:
+    def __init__(self, hub: FaceHub, reactor: IReactorTime) -> None:
         super().__init__(reactor=reactor, server=f"robonet/{robonet.__version__}")
         self.hub = hub
         self.clock = reactor
@@ -483,7 +249,7 @@ class RelayProtocol(WebSocketServerProtocol):
         super().connectionMade()
         f = self.factory
         self.queue = OutboundQueue(
-            self._owe,
+            self.owe,
             clock=f.clock,
             max_bytes=f.config.web.max_queue_bytes,
             slow_timeout=f.config.web.slow_timeout,
@@ -510,18 +276,13 @@ class RelayProtocol(WebSocketServerProtocol):
         role = ROBOT if device_id else WEBSITE
         auth = f.config.auth
         if auth.mode == "token":
-            token = (params.get("token") or [""])[0]
-            granted = auth.tokens.get(token) if token else None
-            if granted is None:
+            refusal = token_role(auth.tokens, (params.get("token") or [""])[0], device_id)
+            if refusal:
                 f.hub.stats.error("unauthorized")
-                self._log.info("refused WebSocket from {peer}: bad or missing token", peer=request.peer)
-                raise ConnectionDeny(401, "Unauthorized")
-            if granted == ROBOT and not device_id:
-                f.hub.stats.error("unauthorized")
-                raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "a robot token needs device_id")
-            if granted != ROBOT and device_id:
-                f.hub.stats.error("unauthorized")
-                raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "token does not allow a robot connection")
+                self._log.info(
+                    "refused WebSocket from {peer}: token: {refusal}", peer=request.peer, refusal=refusal
+                )
+                raise ConnectionDeny(*_TOKEN_REFUSALS[refusal])
         if role == ROBOT and not valid_device_id(device_id):
             f.hub.stats.error("bad_hello")
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "invalid device_id")
@@ -568,7 +329,7 @@ class RelayProtocol(WebSocketServerProtocol):
         if self._gone or not self.role:
             return
         hub = self.factory.hub
-        hub.stats.bytes_in += len(payload)
+        hub.stats.bytes_received(len(payload))
         if isBinary:
             hub.stats.error("bad_frame")
             self.send_json(BINARY_ERROR)
@@ -600,6 +361,9 @@ class RelayProtocol(WebSocketServerProtocol):
             hub.stats.error("missing_type")
             self.send_json(error_json("missing_type", mtype, "message has no type"))
             return
+        name = robot_name(obj)
+        if name is not None and name != device.name:
+            hub.rename(device, name)  # relayed as telemetry_update's device_name (staircase server)
         try:
             batch = hub.ingest(device, Message(mtype, obj, self.device_id, hub.now(), None, payload))
         except HubError as e:
@@ -638,29 +402,31 @@ class RelayProtocol(WebSocketServerProtocol):
             hub.stats.error("unknown_command")
             self.send_json(error_json("unknown_command", mtype, f"unknown setting {py_str(obj.get('name'))}"))
             return
-        target = obj.get("device_id")
-        if target is not None and not isinstance(target, str):
-            hub.stats.error("bad_request")
-            self.send_json(error_json("bad_request", mtype, "device_id must be a string"))
+        raw_target = obj.get("device_id")
+        try:
+            # The envelope's rule; "" means "every robot" here, as the original dashboard sends it.
+            target = None if raw_target == "" else command_target(obj)
+        except HubError as e:
+            hub.stats.error("bad_request")  # this face's code for a malformed dashboard message
+            text = e.message if isinstance(raw_target, str) else "device_id must be a string"
+            self.send_json(error_json("bad_request", mtype, text))
             return
         # The original acked at once: the ack means "received"; later failures follow as errors.
         self.send_json(ack_json(mtype, ack_message(mtype, obj)))
         if mtype in MOTION_COMMANDS:
             robots = [target] if target else self._online_robots()
             f.deadman.moved(self.device_id, mtype, obj, robots)
-        d = hub.command(obj, origin=self.device_id, target=target or None)
+        d = hub.command(obj, origin=self.device_id, target=target)
         d.addErrback(self._command_failed, mtype)
 
     def _online_robots(self) -> list[str]:
         return [d.device_id for d in self.factory.hub.registry.devices() if d.online and d.role == ROBOT]
 
     def _command_failed(self, failure: Failure, mtype: str) -> None:
-        err = failure.value
-        if isinstance(err, HubError):
-            self.send_json(error_json(err.code, mtype, err.message))
-        else:
+        if not isinstance(failure.value, HubError):
             self._log.failure("command {mtype} failed", failure, mtype=mtype)
-            self.send_json(error_json("internal", mtype, "command failed"))
+        code, message = failure_code(failure.value or Exception())
+        self.send_json(error_json(code, mtype, message))
 
     def _request(self, obj: dict[str, Any]) -> None:
         """``{"type":"request","id":N,"endpoint":E,"data":D}`` -> ``{"type":"response",...}`` (bot link's)."""
@@ -668,31 +434,21 @@ class RelayProtocol(WebSocketServerProtocol):
         endpoint = obj.get("endpoint")
         if not isinstance(endpoint, str):
             self.send_json(
-                orjson.dumps(
-                    {
-                        "type": "response",
-                        "id": req_id,
-                        "status": "error",
-                        "code": "bad_request",
-                        "message": "request needs an endpoint",
-                    }
-                )
+                orjson.dumps(response_error_obj(req_id, "bad_request", "request needs an endpoint"))
             )
             return
 
         def ok(result: Any) -> None:
-            self.send_json(
-                orjson.dumps({"type": "response", "id": req_id, "status": "success", "data": result})
-            )
+            frame, encodable = encode_response(req_id, result, orjson.dumps)
+            if not encodable:
+                # As the bot and line links: an endpoint result JSON cannot carry is an error answer.
+                self.factory.hub.stats.error("internal")
+                self._log.error("endpoint {endpoint} returned a value that is not JSON", endpoint=endpoint)
+            self.send_json(frame)
 
         def failed(failure: Failure) -> None:
-            err = failure.value
-            code = err.code if isinstance(err, HubError) else "internal"
-            message = err.message if isinstance(err, HubError) else "request failed"
             self.send_json(
-                orjson.dumps(
-                    {"type": "response", "id": req_id, "status": "error", "code": code, "message": message}
-                )
+                orjson.dumps(response_error_obj(req_id, *failure_code(failure.value or Exception())))
             )
 
         self.factory.hub.request(endpoint, obj.get("data"), self.device_id).addCallbacks(ok, failed)
@@ -723,8 +479,9 @@ class RelayProtocol(WebSocketServerProtocol):
         if q is not None:
             q.put(text_frame(payload), priority)
 
-    def _owe(self, frame: bytes) -> None:
-        """The queue's write: collect frames until the factory's flush at the next iteration."""
+    def owe(self, frame: bytes) -> None:
+        """The queue's write (and the website group's): collect frames until the factory's flush
+        at the next iteration."""
         if self._gone:
             return
         pending = self._pending
@@ -743,7 +500,7 @@ class RelayProtocol(WebSocketServerProtocol):
         if self._gone or self.state != self.STATE_OPEN:
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
-        self.factory.hub.stats.bytes_out += len(data)
+        self.factory.hub.stats.bytes_sent(len(data))
         transport: Any = self.transport
         transport.write(data)
 
@@ -807,24 +564,6 @@ class RelayProtocol(WebSocketServerProtocol):
             del f.websites.members[self.device_id]
             self._log.info("website {website_id} disconnected", website_id=self.device_id)
             f.deadman.website_gone(self.device_id)
-
-
-class EchoProtocol(WebSocketServerProtocol):
-    """``/ws/echo``: echoes every message, for running the Autobahn|Testsuite against real options."""
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        """Send the message back unchanged."""
-        self.sendMessage(payload, isBinary)
-
-
-class EchoFactory(WebSocketServerFactory):
-    """The echo endpoint's factory, configured by :func:`configure_factory` exactly like the relay."""
-
-    protocol = EchoProtocol
-
-    def __init__(self, config: Config, reactor: IReactorTime) -> None:
-        super().__init__(reactor=reactor, server=f"robonet/{robonet.__version__}")
-        configure_factory(self, config, reactor)
 
 
 RelayFactory.protocol = RelayProtocol

@@ -1,88 +1,91 @@
-"""Peer link machinery (spec/discovery-peers.md, "Peer links"): the connections between hubs.
+"""Peer links (spec/discovery-peers.md, "Peer links"): an established link between two hubs.
 
 - :class:`PeerLink`: one established link (after the welcome), either direction: registry
   federation, telemetry and command forwarding, peer messages, heartbeat/RTT. It is the
   :class:`~robonet.model.Link` of the peer's own device record (role ``peer``);
 - :class:`RemoteLink`: the Link of a device owned by a peer; ``deliver`` forwards the command;
-- :class:`Channel` / :class:`BotlinkChannel`: what a PeerLink writes to (a dialled connection, or
-  an inbound bot link connection);
-- :class:`Dialler`, :class:`PeerClientProtocol`, :class:`PeerClientFactory`: the dialling side's
-  target record and thin protocol (bot link framing, handshake from
-  :mod:`robonet.protocols.peering`);
-- :class:`ResponderHandler`: the accepting side, handed inbound ``role: "peer"`` hellos by the
-  bot link (``hub.peer_acceptor.accept(proto, hello)``).
+- :class:`LinkOwner`: what links and connections need of the service that owns them (the
+  :class:`~robonet.services.peers.PeerService` implements it; typed here so that neither module
+  imports the other's classes: peers.py imports this module, never the reverse).
+
+The connections that carry a link (the dialling and the accepting side) are
+:mod:`robonet.services.peerconn`; the handshake codec is :mod:`robonet.protocols.peering`.
 
 Frames after the welcome (docs/federation.rst has the full list): ``peer_devices``,
 ``peer_device``, ``peer_data``, ``peer_command`` (acked with ``ack``/``error`` like bot link
-commands), ``peer_message``, ``ping``/``ack``, ``request``/``response``. Policy (which hubs link,
-remote device records, what is exported) is :class:`~robonet.services.peers.PeerService`'s.
+commands, the ack's ``sum`` checked), ``peer_message``, ``ping``/``ack``, ``request``/``response``.
+Policy (which hubs link, remote device records, what is exported) is the PeerService's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
-import attrs
-import orjson
-from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from robonet.fanout import OutboundQueue
 from robonet.model import Command, HubError, Message, Priority
-from robonet.protocols.botlink import FrameDecoder, FrameError, ack_frame, additive_sum, encode_obj, error_obj
-from robonet.protocols.peering import (
-    AUTH_FAILED,
-    BAD_HELLO,
-    DUPLICATE,
-    HEARTBEAT_S,
-    DiallerHandshake,
-    HandshakeError,
-    PeerInfo,
-    ResponderHandshake,
+from robonet.protocols.botlink import ack_frame, encode_obj
+from robonet.protocols.envelope import (
+    ack_sum_ok,
+    additive_sum,
+    encode_response,
+    error_obj,
+    failure_code,
+    ref_of,
+    remote_error,
+    response_error_obj,
+    valid_device_id,
 )
+from robonet.protocols.peering import HEARTBEAT_S, PeerInfo
 
 if TYPE_CHECKING:
-    from robonet.services.peers import PeerService, StaticPeer
+    from robonet.config import Config
+    from robonet.hub import Hub
+    from robonet.interfaces import PeerChannel
+    from robonet.node import NodeIdentity
 
 CLOSE_GRACE_S = 5.0
 PEER_QUEUE_BYTES = 4 * 1024 * 1024
-MAX_ID = 2**53
 
 
-# --- links ---------------------------------------------------------------------------------------
+class LinkOwner(Protocol):
+    """The federation service as links and peer connections see it (PeerService implements it)."""
 
+    config: Config
+    hub: Hub
+    node: NodeIdentity
+    reactor: Any  # IReactorTime (+ IReactorTCP for the diallers)
+    links: dict[str, PeerLink]
 
-class Channel:
-    """What a PeerLink needs of a connection: write a whole frame, close with an error code."""
+    # policy
+    def may_accept_from(self, host: str) -> bool: ...
+    def may_add_link(self, node_id: str, *, dialled: bool) -> bool: ...
 
-    transport: Any
+    # link lifecycle
+    def link_up(self, link: PeerLink) -> bool: ...
+    def link_down(self, link: PeerLink) -> None: ...
 
-    def write_frame(self, frame: bytes) -> None:
-        raise NotImplementedError
+    # diallers (``dialler`` is a :class:`robonet.services.peerconn.Dialler`)
+    def self_dial(self, nonce: Any) -> None: ...
+    def dial_failed(self, dialler: Any) -> None: ...
+    def handshake_refused(self, dialler: Any, code: str) -> None: ...
+    def pause_dialler(self, dialler: Any, node_id: str) -> None: ...
+    def stop_dialler(self, dialler: Any, reason: str) -> None: ...
 
-    def close_with_error(self, code: str, message: str) -> None:
-        raise NotImplementedError
-
-
-class BotlinkChannel(Channel):
-    """Adapter over the lead's BotLinkProtocol for inbound peer connections."""
-
-    def __init__(self, proto: Any) -> None:
-        self.proto = proto
-        self.transport = proto.transport
-        self._write = proto.send_frame
-
-    def write_frame(self, frame: bytes) -> None:
-        self._write(frame)
-
-    def close_with_error(self, code: str, message: str) -> None:
-        self.proto.close_with_error(code, message)
+    # remote devices and what we export
+    def snapshot_frames(self) -> Iterator[bytes]: ...
+    def remote_up(self, node_id: str, record: Any) -> str | None: ...
+    def remote_down(self, node_id: str, record: Any) -> None: ...
+    def remote_update(self, node_id: str, record: Any) -> None: ...
+    def snapshot_done(self, node_id: str, seen: set[str]) -> None: ...
+    def forget_remote(self, node_id: str, device_id: str, remote: RemoteLink) -> None: ...
+    def remote_count(self, node_id: str) -> int: ...
 
 
 class RemoteLink:
@@ -92,12 +95,11 @@ class RemoteLink:
     remote ack (HubError ``device_offline`` when the peer is not linked).
     """
 
-    def __init__(self, service: PeerService, node_id: str, device_id: str, face: str) -> None:
+    def __init__(self, service: LinkOwner, node_id: str, device_id: str, face: str) -> None:
         self.service = service
         self.node_id = node_id
         self.device_id = device_id
         self.face = face
-        self.replaced = False
 
     def deliver(self, command: Command) -> defer.Deferred[Any]:
         link = self.service.links.get(self.node_id)
@@ -107,7 +109,6 @@ class RemoteLink:
 
     def close_link(self, code: str, message: str) -> None:
         # Another connection took this device id over (the robot moved to another hub, or to us).
-        self.replaced = True
         self.service.forget_remote(self.node_id, self.device_id, self)
 
 
@@ -124,8 +125,8 @@ class PeerLink:
 
     def __init__(
         self,
-        service: PeerService,
-        channel: Channel,
+        service: LinkOwner,
+        channel: PeerChannel,
         info: PeerInfo,
         *,
         address: str,
@@ -147,11 +148,10 @@ class PeerLink:
         self.connected_at = now
         self.last_seen = now
         self.rtt_ms: float | None = None
-        self.frames_in = 0
-        self.frames_out = 0
         self.device: Any = None
         self._next_id = 0
-        self._pending: dict[int, tuple[defer.Deferred[Any], IDelayedCall]] = {}
+        # command id -> (its Deferred, its timeout, the additive sum the peer's ack must carry)
+        self._pending: dict[int, tuple[defer.Deferred[Any], IDelayedCall, int]] = {}
         self._pings: dict[int, float] = {}
         self._snapshot: set[str] | None = None
         self._heartbeat: LoopingCall | None = None
@@ -159,7 +159,7 @@ class PeerLink:
         self._abort_call: IDelayedCall | None = None
         self._closed: list[defer.Deferred[None]] = []
         self.queue = OutboundQueue(
-            self._write,
+            channel.write_frame,
             clock=self.clock,
             max_bytes=PEER_QUEUE_BYTES,
             slow_timeout=service.config.botlink.idle_timeout,
@@ -204,7 +204,7 @@ class PeerLink:
             d.callback(None)
         self.queue.close()
         pending, self._pending = self._pending, {}
-        for d, timer in pending.values():
+        for d, timer, _sum in pending.values():
             if timer.active():
                 timer.cancel()
             d.errback(HubError("device_offline", f"link to hub {self.name or self.node_id} lost"))
@@ -251,10 +251,6 @@ class PeerLink:
 
     # -- output --
 
-    def _write(self, frame: bytes) -> None:
-        self.frames_out += 1
-        self.channel.write_frame(frame)
-
     def put(self, frame: bytes, priority: Priority = Priority.CONTROL, key: Any = None) -> bool:
         """Queue one encoded frame; frames over the peer's max_frame are dropped and counted."""
         if self.state == "down":
@@ -294,9 +290,7 @@ class PeerLink:
         cid = self._next_id
         d: defer.Deferred[Any] = defer.Deferred()
         timeout = 2 * self.service.config.botlink.ack_timeout
-        timer = self.clock.callLater(timeout, self._command_timeout, cid)
-        self._pending[cid] = (d, timer)
-        self.send(
+        frame = encode_obj(
             {
                 "type": "peer_command",
                 "id": cid,
@@ -305,6 +299,11 @@ class PeerLink:
                 "command": command.body,
             }
         )
+        timer = self.clock.callLater(timeout, self._command_timeout, cid)
+        # The peer acks with the additive sum of the JSON payload it received (after the length).
+        self._pending[cid] = (d, timer, additive_sum(memoryview(frame)[4:]))
+        self.hub.stats.count_out("peer_command")
+        self.put(frame)
         return d
 
     def _command_timeout(self, cid: int) -> None:
@@ -319,7 +318,6 @@ class PeerLink:
         if self.state == "down":
             return
         self.last_seen = self.clock.seconds()
-        self.frames_in += 1
         mtype = obj.get("type")
         handler = _HANDLERS.get(mtype) if isinstance(mtype, str) else None
         if handler is None:
@@ -336,8 +334,7 @@ class PeerLink:
             )
 
     def _id(self, obj: dict[str, Any]) -> int | None:
-        mid = obj.get("id")
-        return mid if isinstance(mid, int) and not isinstance(mid, bool) and 0 <= mid <= MAX_ID else None
+        return ref_of(obj)  # the envelope's id rule; an invalid id is answered without one
 
     def _on_ping(self, obj: dict[str, Any], raw: bytes) -> None:
         mid = self._id(obj)
@@ -354,36 +351,47 @@ class PeerLink:
             return
         entry = self._pending.pop(mid, None)
         if entry is not None:
-            d, timer = entry
+            d, timer, expected = entry
             if timer.active():
                 timer.cancel()
+            if not ack_sum_ok(obj, expected):
+                # The peer hub did take a command with this id, but not the bytes we sent.
+                self.hub.stats.error("bad_checksum")
+                self.log.info(
+                    "peer {node_id}: ack {id} sum {got!r} != {want}",
+                    node_id=self.node_id,
+                    id=mid,
+                    got=obj.get("sum"),
+                    want=expected,
+                )
+                d.errback(HubError("bad_checksum", "peer hub acked a command with a wrong checksum"))
+                return
             d.callback(None)
 
     def _on_error(self, obj: dict[str, Any], raw: bytes) -> None:
         ref = obj.get("ref")
-        code = obj.get("code")
-        code = code[:64] if isinstance(code, str) and code else "internal"
+        err = remote_error(obj)
+        err = HubError(err.code[:64], err.message[:500])  # a peer's text is bounded here
         entry = self._pending.pop(ref, None) if isinstance(ref, int) else None
         if entry is None:
             self.log.info(
                 "peer {node_id} reports {code}: {message}",
                 node_id=self.node_id,
-                code=code,
-                message=str(obj.get("message"))[:200],
+                code=err.code,
+                message=err.message[:200],
             )
             return
-        d, timer = entry
+        d, timer, _sum = entry
         if timer.active():
             timer.cancel()
-        message = obj.get("message")
-        d.errback(HubError(code, message[:500] if isinstance(message, str) else code))
+        d.errback(err)
 
     def _on_peer_command(self, obj: dict[str, Any], raw: bytes) -> None:
         mid = self._id(obj)
-        target = obj.get("device_id")
+        target: Any = obj.get("device_id")
         body = obj.get("command")
         origin = obj.get("origin")
-        if not isinstance(target, str) or not isinstance(body, dict):
+        if not valid_device_id(target) or not isinstance(body, dict):
             self.hub.stats.error("bad_frame")
             self.put(encode_obj(error_obj("bad_frame", "peer_command needs device_id and command", mid)))
             return
@@ -405,55 +413,27 @@ class PeerLink:
             self.put(ack_frame(mid, checksum))
 
     def _command_failed(self, f: Failure, mid: int | None) -> None:
-        err = f.value
-        if isinstance(err, HubError):
-            frame = encode_obj(error_obj(err.code, err.message, mid))
-        else:
-            frame = encode_obj(error_obj("internal", "command failed", mid))
-        self.put(frame)
+        code, message = failure_code(f.value or Exception())
+        self.put(encode_obj(error_obj(code, message, mid)))
 
     def _on_request(self, obj: dict[str, Any], raw: bytes) -> None:
         mid = self._id(obj)
         endpoint = obj.get("endpoint")
         if not isinstance(endpoint, str):
-            self.put(
-                encode_obj(
-                    {
-                        "type": "response",
-                        "id": mid,
-                        "status": "error",
-                        "code": "unknown_endpoint",
-                        "message": "request needs a string 'endpoint'",
-                    }
-                )
-            )
+            error = response_error_obj(mid, "unknown_endpoint", "request needs a string 'endpoint'")
+            self.put(encode_obj(error))
             return
         d = self.hub.request(endpoint, obj.get("data"), self.node_id)
 
         def ok(result: Any) -> None:
-            try:
-                frame = encode_obj({"type": "response", "id": mid, "status": "success", "data": result})
-            except TypeError:
-                frame = encode_obj(
-                    {
-                        "type": "response",
-                        "id": mid,
-                        "status": "error",
-                        "code": "internal",
-                        "message": "endpoint result is not JSON-serialisable",
-                    }
-                )
+            frame, encodable = encode_response(mid, result, encode_obj)
+            if not encodable:
+                self.hub.stats.error("internal")
             self.put(frame)
 
         def failed(f: Failure) -> None:
-            err = f.value
-            code = err.code if isinstance(err, HubError) else "internal"
-            message = err.message if isinstance(err, HubError) else "internal error"
-            self.put(
-                encode_obj(
-                    {"type": "response", "id": mid, "status": "error", "code": code, "message": message}
-                )
-            )
+            code, message = failure_code(f.value or Exception())
+            self.put(encode_obj(response_error_obj(mid, code, message)))
 
         d.addCallbacks(ok, failed)
 
@@ -541,304 +521,3 @@ _HANDLERS: dict[str, Callable[[PeerLink, dict[str, Any], bytes], None]] = {
     "proof": PeerLink._on_handshake_frame,
     "welcome": PeerLink._on_handshake_frame,
 }
-
-
-# --- the dialling side --------------------------------------------------------------------------
-
-
-@attrs.define(eq=False)
-class Dialler:
-    """One dial target: a discovered node (``expected_node_id`` set) or a static entry.
-
-    ``state``: connecting | handshake | up | paused | stopped; ``node_id`` is learned from the
-    challenge; ``last_error`` the last handshake/connection problem.
-    """
-
-    key: str
-    host: str
-    port: int
-    static: StaticPeer | None = None
-    expected_node_id: str | None = None
-    node_id: str | None = None
-    name: str = ""
-    state: str = "connecting"
-    last_error: str = ""
-    last_seen: float | None = None
-    client: ClientService | None = None
-    paused_for: str | None = None
-    protocol: Any = None
-
-
-class PeerClientProtocol(Protocol, Channel):
-    """The dialler's connection: handshake, then frames go to the PeerLink."""
-
-    log = Logger()
-
-    def __init__(self, service: PeerService, dialler: Dialler) -> None:
-        self.service = service
-        self.dialler = dialler
-        cfg = service.config.botlink
-        self.decoder = FrameDecoder(cfg.max_hello_frame)
-        self.handshake = DiallerHandshake(
-            service.node, service.config.peers.secret, expected_node_id=dialler.expected_node_id
-        )
-        self.link: PeerLink | None = None
-        self.closing = False
-        self._deadline: IDelayedCall | None = None
-        self._stage = "challenge"
-        self.error = ""
-
-    def connectionMade(self) -> None:
-        self.dialler.state = "handshake"
-        self.dialler.protocol = self
-        self.write_frame(encode_obj(self.handshake.hello()))
-        self._deadline = self.service.reactor.callLater(
-            self.service.config.botlink.hello_timeout, self._handshake_expired
-        )
-
-    def _handshake_expired(self) -> None:
-        self._deadline = None
-        if self.link is None:
-            self.error = "handshake timeout"
-            self.close_with_error(BAD_HELLO, "handshake did not complete in time")
-
-    def write_frame(self, frame: bytes) -> None:
-        if not self.closing and self.transport is not None:
-            self.service.hub.stats.bytes_out += len(frame)
-            self.transport.write(frame)
-
-    def close_with_error(self, code: str, message: str) -> None:
-        if self.closing:
-            return
-        self.write_frame(encode_obj(error_obj(code, message)))
-        self.closing = True
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.closing:
-            return
-        self.service.hub.stats.bytes_in += len(data)
-        try:
-            payloads = self.decoder.feed(data)
-        except FrameError as e:
-            self.service.hub.stats.error(e.code)
-            self.close_with_error(e.code, e.message)
-            return
-        for raw in payloads:
-            if self.closing:
-                return
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                self.service.hub.stats.error("bad_json")
-                if self.link is None:
-                    self.close_with_error("bad_json", "frame is not valid UTF-8 JSON")
-                else:
-                    self.write_frame(encode_obj(error_obj("bad_json", "frame is not valid UTF-8 JSON")))
-                continue
-            if not isinstance(obj, dict):
-                self.service.hub.stats.error("not_object")
-                if self.link is None:
-                    self.close_with_error("not_object", "frame must be a JSON object")
-                continue
-            if self.link is not None:
-                self.link.frame_received(obj, raw)
-            else:
-                self._handshake_frame(obj)
-
-    def _handshake_frame(self, obj: dict[str, Any]) -> None:
-        if obj.get("type") == "error":
-            code = str(obj.get("code"))[:64]
-            self.error = f"{code}: {str(obj.get('message'))[:200]}"
-            self.service.handshake_refused(self.dialler, code)
-            self.log.info(
-                "peer {host}:{port} refused the link: {error}",
-                host=self.dialler.host,
-                port=self.dialler.port,
-                error=self.error,
-            )
-            self.closing = True
-            if self.transport is not None:
-                self.transport.loseConnection()
-            return
-        try:
-            if self._stage == "challenge":
-                proof = self.handshake.on_challenge(obj)
-                assert self.handshake.responder is not None
-                self.dialler.node_id = self.handshake.responder
-                if self.handshake.responder == self.service.node.node_id:
-                    raise HandshakeError(BAD_HELLO, "connected to ourselves")
-                if not self.service.may_add_link(self.handshake.responder, dialled=True):
-                    self.error = f"{DUPLICATE}: already linked"
-                    self.service.pause_dialler(self.dialler, self.handshake.responder)
-                    self.close_with_error(DUPLICATE, "already linked")
-                    return
-                self._stage = "welcome"
-                self.write_frame(encode_obj(proof))
-                return
-            info = self.handshake.on_welcome(obj)
-        except HandshakeError as e:
-            self.service.hub.stats.error(e.code)
-            self.error = f"{e.code}: {e.message}"
-            self.log.info(
-                "peer {host}:{port}: handshake failed: {error}",
-                host=self.dialler.host,
-                port=self.dialler.port,
-                error=self.error,
-            )
-            if e.message == "connected to ourselves":
-                self.service.stop_dialler(self.dialler, "that address is this hub")
-            self.close_with_error(e.code, e.message)
-            return
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-        self.decoder.max_frame = self.service.config.botlink.max_frame
-        self.dialler.name = info.name
-        self.dialler.last_error = ""
-        link = PeerLink(
-            self.service,
-            self,
-            info,
-            address=f"{self.dialler.host}:{self.dialler.port}",
-            authenticated=bool(self.service.config.peers.secret),
-            dialled=True,
-        )
-        if self.service.link_up(link):
-            self.link = link
-            self.dialler.state = "up"
-        else:
-            self.error = f"{DUPLICATE}: already linked"
-            self.service.pause_dialler(self.dialler, info.node_id)
-            self.close_with_error(DUPLICATE, "already linked")
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.closing = True
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-        if self.dialler.state in ("up", "handshake"):
-            self.dialler.state = "connecting"
-        self.dialler.last_seen = self.service.reactor.seconds()
-        if self.link is not None:
-            link, self.link = self.link, None
-            self.service.link_down(link)
-        else:
-            self.dialler.last_error = self.error or reason.getErrorMessage()
-            self.service.dial_failed(self.dialler)
-
-
-class PeerClientFactory(Factory):
-    """Builds the dialler's protocol for one target."""
-
-    def __init__(self, service: PeerService, dialler: Dialler) -> None:
-        self.service = service
-        self.dialler = dialler
-
-    def buildProtocol(self, addr: Any) -> PeerClientProtocol:
-        return PeerClientProtocol(self.service, self.dialler)
-
-
-# --- the accepting side -------------------------------------------------------------------------
-
-
-class ResponderHandler:
-    """Handles an inbound peer connection after the bot link saw ``role: "peer"`` in the hello.
-
-    The bot link calls ``frame_received(obj, raw)`` for every later frame and
-    ``connection_lost(reason)`` at the end.
-    """
-
-    log = Logger()
-
-    def __init__(self, service: PeerService, proto: Any) -> None:
-        self.service = service
-        self.proto = proto
-        self.channel = BotlinkChannel(proto)
-        peer = proto.transport.getPeer() if proto.transport is not None else None
-        self.host = str(getattr(peer, "host", "?"))
-        self.address = f"{self.host}:{getattr(peer, 'port', 0)}"
-        self.handshake = ResponderHandshake(
-            service.node,
-            service.config.peers.secret,
-            require_same_hash=service.config.peers.require_same_hash,
-            max_frame=service.config.botlink.max_frame,
-        )
-        self.link: PeerLink | None = None
-        self.done = False
-        self._deadline: IDelayedCall | None = None
-
-    def start(self, hello: dict[str, Any]) -> None:
-        """Answer the hello with a challenge, or refuse and close."""
-        if hello.get("node_id") == self.service.node.node_id:
-            self.service.self_dial(hello.get("nonce"))
-        try:
-            if not self.service.may_accept_from(self.host):
-                raise HandshakeError(AUTH_FAILED, "no peers.secret: only loopback or static peers may link")
-            challenge = self.handshake.on_hello(hello)
-        except HandshakeError as e:
-            self._refuse(e)
-            return
-        self.proto.send_obj(challenge)
-        self._deadline = self.service.reactor.callLater(
-            self.service.config.botlink.hello_timeout, self._expired
-        )
-
-    def _refuse(self, e: HandshakeError) -> None:
-        self.done = True
-        self.service.hub.stats.error(e.code)
-        self.log.info(
-            "peer link from {address} refused: {code}: {message}",
-            address=self.address,
-            code=e.code,
-            message=e.message,
-        )
-        self.channel.close_with_error(e.code, e.message)
-
-    def _expired(self) -> None:
-        self._deadline = None
-        if self.link is None and not self.done:
-            self._refuse(HandshakeError(AUTH_FAILED, "no proof in time"))
-
-    def frame_received(self, obj: dict[str, Any], raw: bytes) -> None:
-        if self.link is not None:
-            self.link.frame_received(obj, raw)
-            return
-        if self.done:
-            return
-        try:
-            welcome = self.handshake.on_proof(obj)
-        except HandshakeError as e:
-            self._refuse(e)
-            return
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-        info = self.handshake.dialler
-        assert info is not None
-        if not self.service.may_add_link(info.node_id, dialled=False):
-            self._refuse(HandshakeError(DUPLICATE, "already linked"))
-            return
-        self.proto.send_obj(welcome)
-        link = PeerLink(
-            self.service,
-            self.channel,
-            info,
-            address=self.address,
-            authenticated=bool(self.service.config.peers.secret),
-            dialled=False,
-        )
-        if self.service.link_up(link):
-            self.link = link
-        else:
-            self._refuse(HandshakeError(DUPLICATE, "already linked"))
-
-    def connection_lost(self, reason: Any = None) -> None:
-        self.done = True
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-        if self.link is not None:
-            link, self.link = self.link, None
-            self.service.link_down(link)

@@ -2,11 +2,17 @@
 
 :class:`PeerService` decides which hubs link (discovered nodes and ``peers.static`` entries,
 :class:`StaticPeer` / :func:`parse_static`), runs one ClientService per dial target, keeps the
-links and the devices peers own, exports local devices to peers, and serves ``hub.peers``
-(peer_list, broadcast_to_peers, send_to_peer) and ``hub.peer_acceptor``.
+links and the devices peers own, exports local devices to peers, and attaches itself to the hub
+(``hub.attach_peers``) for peer_list, broadcast_to_peers, send_to_peer and, unless
+``peers.accept = false``, as the acceptor of inbound peer links.
 
-The handshake codec is :mod:`robonet.protocols.peering`; the links and connections (PeerLink,
-RemoteLink, the dialling and accepting sides) are :mod:`robonet.services.peerlink`.
+The handshake codec and static entries are :mod:`robonet.protocols.peering`; the links (PeerLink,
+RemoteLink) are :mod:`robonet.services.peerlink`, the connections (the dialling and accepting
+sides) :mod:`robonet.services.peerconn`. Neither imports this module.
+
+Why over 600 lines: it is one class whose parts (link policy, diallers, the remote-device table,
+what is exported, peer_list) all work on the same ``links``/``diallers``/``remote`` tables; split
+apart, each piece would have to reach into the others' tables.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import orjson
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -27,79 +32,21 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
 from robonet.config import Config
+from robonet.hub import Hub
 from robonet.model import BULK_DATA_TYPES, Event, Priority
 from robonet.node import NodeIdentity
 from robonet.protocols.botlink import encode_obj
-from robonet.protocols.peering import DUPLICATE
+from robonet.protocols.peering import DUPLICATE, StaticPeer, parse_static
 from robonet.registry import Device
-from robonet.services.peerlink import (
-    Dialler,
-    PeerClientFactory,
-    PeerClientProtocol,
-    PeerLink,
-    RemoteLink,
-    ResponderHandler,
-)
+from robonet.services.peerconn import Dialler, PeerClientFactory, PeerClientProtocol, ResponderHandler
+from robonet.services.peerlink import PeerLink, RemoteLink
+
+__all__ = ["PeerService", "StaticPeer", "parse_static"]
 
 MAX_REMOTE_DEVICES = 4096
 SNAPSHOT_CHUNK = 256 * 1024
 MAX_LATEST_EXPORT = 64 * 1024
 DEVICE_OPS = {"device_up": "up", "device_down": "down", "device_update": "update"}
-
-
-# --- static peers ------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class StaticPeer:
-    """A ``peers.static`` entry: ``host:port``, ``tcp:host:port``, ``ssl:host:port[:ca=FILE][:hostname=N]``.
-
-    ``host=`` and ``port=`` keyword forms are accepted too; IPv6 hosts go in brackets.
-    """
-
-    entry: str
-    host: str
-    port: int
-    tls: bool = False
-    ca: str = ""
-    hostname: str = ""
-
-
-def parse_static(entry: str) -> StaticPeer:
-    """Parse one ``peers.static`` entry. Raises ValueError naming the problem."""
-    text = entry.strip()
-    tls = False
-    for prefix, is_tls in (("tcp:", False), ("ssl:", True), ("tls:", True)):
-        if text.startswith(prefix):
-            text, tls = text[len(prefix) :], is_tls
-            break
-    host = ""
-    if text.startswith("["):
-        host, _, text = text[1:].partition("]")
-        text = text.removeprefix(":")
-    parts = [p for p in text.split(":") if p] if text else []
-    port = 0
-    options: dict[str, str] = {}
-    positional = []
-    for part in parts:
-        key, eq, value = part.partition("=")
-        if eq:
-            options[key] = value
-        else:
-            positional.append(part)
-    if not host:
-        host = options.pop("host", "") or (positional.pop(0) if positional else "")
-    port_text = options.pop("port", "") or (positional.pop(0) if positional else "")
-    if positional:
-        raise ValueError(f"peers.static: cannot parse {entry!r}")
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"peers.static: expected host:port, got {entry!r}")
-    port = int(port_text)
-    ca = options.pop("ca", "") or options.pop("trustRoots", "")
-    hostname = options.pop("hostname", "")
-    if options:
-        raise ValueError(f"peers.static: unknown option(s) {sorted(options)} in {entry!r}")
-    return StaticPeer(entry, host, port, tls, ca, hostname)
 
 
 def _is_loopback(host: str) -> bool:
@@ -116,7 +63,7 @@ class PeerService(Service):
     """Federation: which hubs link, the links, remote devices, forwarding (spec/discovery-peers.md).
 
     ``config``: the whole Config (``peers``, ``botlink`` limits); ``hub``: the Hub (this service
-    sets ``hub.peers`` and ``hub.peer_acceptor`` while running); ``node``: our identity;
+    is attached to it with ``hub.attach_peers`` while running); ``node``: our identity;
     ``reactor``: IReactorTime + IReactorTCP (+ resolve); ``discovery``: a DiscoveryService to
     follow (optional); ``retry_policy``: ClientService's backoff (default 1 s, x1.5, up to 60 s);
     ``endpoint_factory(dialler)``: the client endpoint for a target (default TCP, or TLS for ssl:).
@@ -129,7 +76,7 @@ class PeerService(Service):
     def __init__(
         self,
         config: Config,
-        hub: Any,
+        hub: Hub,
         node: NodeIdentity,
         reactor: Any,
         *,
@@ -170,8 +117,7 @@ class PeerService(Service):
     def startService(self) -> None:
         """Install the hub hooks, subscribe to fan-out, dial static peers, follow discovery."""
         super().startService()  # type: ignore[no-untyped-call]
-        self.hub.peers = self
-        self.hub.peer_acceptor = self
+        self.hub.attach_peers(self)
         self.hub.subscribe(self)
         for entry in self.config.peers.static:
             try:
@@ -190,10 +136,7 @@ class PeerService(Service):
         """Stop dialling, close every link; fires when every connection is closed."""
         super().stopService()  # type: ignore[no-untyped-call]
         self.hub.unsubscribe(self)
-        if self.hub.peers is self:
-            self.hub.peers = None
-        if self.hub.peer_acceptor is self:
-            self.hub.peer_acceptor = None
+        self.hub.detach_peers(self)
         waits = []
         for link in list(self.links.values()):
             link.close_link("shutdown", "hub shutting down")
@@ -206,10 +149,9 @@ class PeerService(Service):
         return defer.gatherResults(waits).addCallback(lambda _: None)
 
     def _remember_static_host(self, host: str) -> None:
-        if isIPAddress(host) or isIPv6Address(host):
-            self._static_hosts.add(host)
-            return
         self._static_hosts.add(host)
+        if isIPAddress(host) or isIPv6Address(host):
+            return
         resolve = getattr(self.reactor, "resolve", None)
         if resolve is not None:
             resolve(host).addCallbacks(self._static_hosts.add, lambda f: None)
@@ -301,18 +243,25 @@ class PeerService(Service):
             endpoint = wrapClientTLS(options, endpoint)
         return endpoint
 
-    def _add_dialler(self, dialler: Dialler) -> None:
+    def _start_client(self, dialler: Dialler) -> bool:
+        """Start (or restart) dialling ``dialler``'s target; False when no endpoint can be built."""
         try:
             endpoint = self._endpoint_factory(dialler)
         except (OSError, ValueError) as e:
             self.log.error("peer {key}: cannot set up the connection: {error}", key=dialler.key, error=e)
-            return
-        self.diallers[dialler.key] = dialler
+            return False
         dialler.client = ClientService(
             endpoint, PeerClientFactory(self, dialler), retryPolicy=self.retry_policy, clock=self.reactor
         )
         dialler.state = "connecting"
         dialler.client.startService()
+        return True
+
+    def _add_dialler(self, dialler: Dialler) -> None:
+        self.diallers[dialler.key] = dialler  # before the first connection attempt can report back
+        if not self._start_client(dialler):
+            del self.diallers[dialler.key]
+            return
         self.log.info(
             "dialling peer {key} at {host}:{port}", key=dialler.key, host=dialler.host, port=dialler.port
         )
@@ -374,20 +323,14 @@ class PeerService(Service):
         for dialler in self.diallers.values():
             if dialler.state == "paused" and dialler.paused_for == node_id and self.running:
                 dialler.paused_for = None
-                try:
-                    endpoint = self._endpoint_factory(dialler)
-                except (OSError, ValueError):
-                    continue
-                dialler.client = ClientService(
-                    endpoint,
-                    PeerClientFactory(self, dialler),
-                    retryPolicy=self.retry_policy,
-                    clock=self.reactor,
-                )
-                dialler.state = "connecting"
-                dialler.client.startService()
+                self._start_client(dialler)
 
     # -- the acceptor hook (hub.peer_acceptor) --
+
+    @property
+    def acceptor(self) -> PeerService | None:
+        """This service when it accepts inbound peer links (``peers.accept``), else None."""
+        return self if self.config.peers.accept else None
 
     def accept(self, proto: Any, hello: dict[str, Any]) -> ResponderHandler:
         """Take over an inbound bot link connection whose hello said ``role: "peer"``."""
