@@ -8,8 +8,6 @@ compatibility ``hash`` over robonet's own source files (witch-core's "source has
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import attrs
 from twisted.logger import Logger
 
 import robonet
+from robonet.files import atomic_write
 
 NODE_ID_FILE = "node_id"
 HASH_LENGTH = 16
@@ -77,33 +76,6 @@ def _valid_node_id(text: str) -> bool:
         return False
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old or the whole new content."""
-    fd, tmp = tempfile.mkstemp(prefix=".node_id.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def load_node_id(state_dir: Path) -> str:
     """Return the node id kept in ``<state_dir>/node_id``, creating it (uuid4) if absent.
 
@@ -122,7 +94,7 @@ def load_node_id(state_dir: Path) -> str:
     node_id = str(uuid.uuid4())
     if text is not None:
         _log.warn("invalid node id in {path}; replaced by {node_id}", path=str(path), node_id=node_id)
-    _write_atomic(path, node_id + "\n")
+    atomic_write(path, (node_id + "\n").encode("ascii"))
     return node_id
 
 

@@ -2,28 +2,55 @@
 
 Counts messages and bytes in/out per message type, errors per code, fan-out drops per reason, and
 keeps bounded samples of ack round-trip times (commands the hub sent, acked by robots) and of ack
-delays (frame received -> ack written, which includes the store's group commit).
+delays (frame received -> ack written, which includes the store's group commit). Latencies are also
+counted into fixed histogram buckets, exported on ``/metrics`` as Prometheus histograms.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from typing import Any
 
+#: Upper bounds (seconds, inclusive) of the latency histogram buckets; +Inf is implied.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+)  # fmt: skip
+
 
 class Samples:
-    """A bounded ring of float samples (seconds) with percentiles in milliseconds."""
+    """Latency samples (seconds): a bounded ring for percentiles in milliseconds, and histogram
+    bucket counters over every sample ever added (Prometheus ``_bucket``/``_sum``/``_count``).
 
-    __slots__ = ("_ring", "count")
+    ``add`` is on the hot path: one append, one bisect over ``buckets``, two additions.
+    """
 
-    def __init__(self, size: int = 4096) -> None:
+    __slots__ = ("_ring", "count", "sum", "buckets", "_counts")
+
+    def __init__(self, size: int = 4096, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self._ring: deque[float] = deque(maxlen=size)
         self.count = 0
+        self.sum = 0.0
+        self.buckets = buckets
+        # one counter per bucket plus the +Inf bucket; not cumulative (histogram() makes them so)
+        self._counts = [0] * (len(buckets) + 1)
 
     def add(self, seconds: float) -> None:
         """Record one sample."""
         self._ring.append(seconds)
         self.count += 1
+        self.sum += seconds
+        self._counts[bisect_left(self.buckets, seconds)] += 1
+
+    def histogram(self) -> list[tuple[str, int]]:
+        """Cumulative ``(le, count)`` pairs for every bucket, ending with ``("+Inf", count)``."""
+        out: list[tuple[str, int]] = []
+        total = 0
+        for bound, n in zip(self.buckets, self._counts, strict=False):
+            total += n
+            out.append((repr(float(bound)), total))
+        out.append(("+Inf", total + self._counts[-1]))
+        return out
 
     def summary(self) -> dict[str, Any]:
         """``{"count", "p50_ms", "p99_ms", "max_ms"}`` over the retained window (None when empty)."""
@@ -59,12 +86,6 @@ class Stats:
         """One message of ``mtype`` received (``nbytes`` of payload)."""
         m = self.msgs_in
         m[mtype] = m.get(mtype, 0) + 1
-        self.bytes_in += nbytes
-
-    def count_in_many(self, mtype: str, count: int, nbytes: int) -> None:
-        """``count`` messages of one type at once (faces batch per read)."""
-        m = self.msgs_in
-        m[mtype] = m.get(mtype, 0) + count
         self.bytes_in += nbytes
 
     def count_out(self, mtype: str, nbytes: int = 0) -> None:

@@ -31,13 +31,12 @@ from twisted.web.server import Site
 
 from robonet.config import load_config
 from robonet.protocols.camera import CameraSettings
-from robonet.services.camera import (
+from robonet.services.camera import CameraSettingsStore, make_camera_service
+from robonet.services.camera_pipeline import (
     CameraPipeline,
-    CameraSettingsStore,
     JpegSplitter,
     ProgressParser,
     build_argvs,
-    make_camera_service,
     output_format_for,
 )
 from robonet.services.camera_web import camera_resources
@@ -415,6 +414,28 @@ class SettingsStoreTests(SynchronousTestCase):
             self.assertFalse(store.save(CameraSettings(gain=2)))
         self.assertEqual(store.settings.gain, 2)
         self.assertTrue(any(e["log_level"].name == "error" for e in events))
+
+
+class PreviewStopTests(SynchronousTestCase):
+    def test_stop_finishes_preview_viewers(self) -> None:
+        """Stopping the camera service finishes every open preview viewer (close_all's caller)."""
+        state = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, state, True)
+        base = {"data_listen": "none", "settings_listen": "none", "auth_listen": "none", "password": "x"}
+        config = load_config(environ={}, overrides={"hub": {"state_dir": state}, "camera": base})
+        svc = make_camera_service(config, FakeHub(config), Clock())
+        preview = camera_resources(svc)["camera/preview.mjpg"]
+        finished: list[str] = []
+
+        class Viewer:
+            def finish(self, request_gone: bool = False) -> None:
+                finished.append("viewer")
+                preview.viewers.discard(self)  # type: ignore[attr-defined]
+
+        svc.startService()
+        preview.viewers.add(Viewer())  # type: ignore[attr-defined]
+        self.successResultOf(svc.stopService())
+        self.assertEqual((finished, preview.viewers), (["viewer"], set()))  # type: ignore[attr-defined]
 
 
 # --- end to end with Debian's ffmpeg ----------------------------------------------------------------

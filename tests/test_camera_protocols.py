@@ -244,6 +244,10 @@ class DataPortTests(CameraCase):
         p, t = connect(camera.data_factory, "10.9.9.9")
         self.assertFalse(t.disconnecting)
         self.assertEqual(self.hub.stats.errors["camera_too_many_connections"], 1)
+        self.assertEqual(camera.data_factory.limiter.count("10.9.9.9"), 3)
+        for proto, _ in [*conns[1:3], (p, t)]:
+            close(proto)
+        self.assertEqual(len(camera.data_factory.limiter), 0, "entries are deleted at zero")
 
 
 class RequireAuthTests(CameraCase):
@@ -256,6 +260,7 @@ class RequireAuthTests(CameraCase):
         self.assertEqual(t.value(), b"")
         close(proto)
         self.assertEqual(self.hub.stats.errors["camera_unauthorised"], 1)
+        self.assertEqual(len(self.camera.data_factory.limiter), 0, "a refused connection holds no slot")
         self.authenticate("10.2.2.2")
         proto, t = connect(self.camera.data_factory, "10.2.2.2")
         self.assertFalse(t.disconnecting)
@@ -729,7 +734,7 @@ class LoopbackTests(TestCase):
         yield poll(lambda: svc.hub.stats.errors["camera_auth_timeout"] >= 50)
         close_all()
         yield poll(lambda: not svc.auth_factory.connections and _sockets() <= sockets0)
-        self.assertEqual(svc.auth_factory.per_ip, {})
+        self.assertEqual(len(svc.auth_factory.limiter), 0)
 
 
 def _sockets() -> int:

@@ -253,7 +253,8 @@ class StatsTests(SynchronousTestCase):
         """count_in/out, errors, drops and connections add up in the snapshot."""
         s = Stats(100.0)
         s.count_in("telemetry", 10)
-        s.count_in_many("telemetry", 3, 30)
+        for _ in range(3):
+            s.count_in("telemetry", 10)
         s.count_out("ack", 5)
         s.error("bad_json")
         s.error("bad_json")
@@ -276,6 +277,16 @@ class StatsTests(SynchronousTestCase):
         )
         self.assertEqual(snap["ack_rtt"]["p50_ms"], 10.0)
         self.assertEqual(snap["ack_delay"]["count"], 0)
+
+    def test_histogram_buckets(self) -> None:
+        """Every sample lands in the first bucket whose bound is >= it (le), cumulatively, with the
+        sum and the +Inf count; the ring's summary is unaffected."""
+        s = Samples(size=2, buckets=(0.01, 0.1))
+        for seconds in (0.005, 0.01, 0.05, 3.0):
+            s.add(seconds)
+        self.assertEqual(s.histogram(), [("0.01", 2), ("0.1", 3), ("+Inf", 4)])
+        self.assertAlmostEqual(s.sum, 3.065)
+        self.assertEqual(s.summary()["count"], 4)
 
     def test_snapshot_is_copy(self) -> None:
         """Changing a snapshot does not change the counters."""

@@ -331,6 +331,34 @@ class MetricsAndAuthTests(unittest.SynchronousTestCase):
         self.assertEqual(samples[("robonet_store_rows_written", ())], 3)
         self.assertEqual(samples[("robonet_web_websites", ())], 0)
 
+    def test_latency_histograms(self) -> None:
+        """ack_rtt and ack_delay are Prometheus histograms in seconds: cumulative buckets, _sum and
+        _count (no quantile gauges); the stats endpoint keeps its JSON summary."""
+        config, hub, site = make(self, store=FakeStore())
+        for seconds in (0.002, 0.002, 0.3):
+            hub.stats.ack_delay.add(seconds)
+        hub.stats.ack_rtt.add(20.0)
+        families = {f.name: f for f in text_string_to_metric_families(get(site, "/metrics").body.decode())}
+        delay = families["robonet_ack_delay_seconds"]
+        self.assertEqual(delay.type, "histogram")
+        values = {(s.name, s.labels.get("le")): s.value for s in delay.samples}
+        self.assertEqual(values[("robonet_ack_delay_seconds_bucket", "0.001")], 0)
+        self.assertEqual(values[("robonet_ack_delay_seconds_bucket", "0.0025")], 2)
+        self.assertEqual(values[("robonet_ack_delay_seconds_bucket", "0.5")], 3)
+        self.assertEqual(values[("robonet_ack_delay_seconds_bucket", "+Inf")], 3)
+        self.assertEqual(values[("robonet_ack_delay_seconds_count", None)], 3)
+        self.assertAlmostEqual(values[("robonet_ack_delay_seconds_sum", None)], 0.304)
+        rtt = {(s.name, s.labels.get("le")): s.value for s in families["robonet_ack_rtt_seconds"].samples}
+        self.assertEqual(
+            (
+                rtt[("robonet_ack_rtt_seconds_bucket", "10.0")],
+                rtt[("robonet_ack_rtt_seconds_bucket", "+Inf")],
+            ),
+            (0, 1),
+        )
+        self.assertNotIn("robonet_ack_delay_ms", families)
+        self.assertEqual(hub.stats.snapshot(hub.now())["ack_delay"]["count"], 3)
+
     def test_token_auth(self) -> None:
         """With auth.mode=token the API and metrics need a known token (query or Bearer); the page and
         /healthz do not."""

@@ -33,6 +33,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from robonet.limits import PerAddressLimiter
+
 # --- constants (spec/camera.md, "Packet") ---------------------------------------------------------
 
 MAGIC = b"\x00\xff"
@@ -492,20 +494,20 @@ class _CameraFactory(ServerFactory["_CameraProtocol"]):
         self.gate = gate
         self.stats = stats
         self.max_per_ip = max_per_ip
-        self.per_ip: dict[str, int] = {}
+        self.limiter = PerAddressLimiter(max_per_ip)
         self.connections: set[Protocol] = set()
 
     def admit(self, proto: _CameraProtocol, ip: str, gated: bool) -> bool:
         """Register a new connection; False (and counted) if it must be closed at once."""
-        if self.per_ip.get(ip, 0) >= self.max_per_ip:
+        if not self.limiter.acquire(ip):
             self.stats.error("camera_too_many_connections")
             self.log.debug("camera {face}: too many connections from {ip}", face=self.face, ip=ip)
             return False
         if gated and not self.gate.allowed(ip, self.clock.seconds()):
+            self.limiter.release(ip)
             self.stats.error("camera_unauthorised")
             self.log.debug("camera {face}: {ip} has not authenticated; closed", face=self.face, ip=ip)
             return False
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         self.connections.add(proto)
         self.stats.connection("camera", 1)
         return True
@@ -515,11 +517,7 @@ class _CameraFactory(ServerFactory["_CameraProtocol"]):
         if proto in self.connections:
             self.connections.discard(proto)
             self.stats.connection("camera", -1)
-            n = self.per_ip.get(ip, 1) - 1
-            if n > 0:
-                self.per_ip[ip] = n
-            else:
-                self.per_ip.pop(ip, None)
+            self.limiter.release(ip)
 
 
 class _CameraProtocol(Protocol):

@@ -222,10 +222,13 @@ class CameraPreviewResource(Resource):
 
 def camera_resources(camera: CameraService) -> dict[str, Resource]:
     """The camera's web resources keyed by path (no leading slash): ``api/camera``,
-    ``api/camera/settings`` (also a child of ``api/camera``) and ``camera/preview.mjpg``."""
+    ``api/camera/settings`` (also a child of ``api/camera``) and ``camera/preview.mjpg``, whose
+    :meth:`CameraPreviewResource.close_all` runs when ``camera`` stops (``camera.stop_hooks``)."""
     settings = CameraSettingsResource(camera)
+    preview = CameraPreviewResource(camera)
+    camera.stop_hooks.append(preview.close_all)  # viewers are finished when the camera stops
     return {
         "api/camera": CameraStatusResource(camera, settings),
         "api/camera/settings": settings,
-        "camera/preview.mjpg": CameraPreviewResource(camera),
+        "camera/preview.mjpg": preview,
     }

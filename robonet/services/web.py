@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from autobahn.twisted.resource import WebSocketResource
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.application import strports
 from twisted.application.service import IService, Service
@@ -384,13 +384,11 @@ class HubCollector(Collector):
         for face, n in sorted(s.connections.items()):
             conns.add_metric([face], n)
         yield conns
-        for name, samples in (("robonet_ack_rtt_ms", s.ack_rtt), ("robonet_ack_delay_ms", s.ack_delay)):
-            summary = samples.summary()
-            gauge = GaugeMetricFamily(name, f"{name[8:]} percentiles, recent window", labels=["quantile"])
-            for q, pkey in (("0.5", "p50_ms"), ("0.99", "p99_ms"), ("1", "max_ms")):
-                if summary[pkey] is not None:
-                    gauge.add_metric([q], summary[pkey])
-            yield gauge
+        for name, doc, samples in (
+            ("robonet_ack_rtt_seconds", "Command sent to its ack received (seconds)", s.ack_rtt),
+            ("robonet_ack_delay_seconds", "Frame received to its ack written (seconds)", s.ack_delay),
+        ):
+            yield HistogramMetricFamily(name, doc, buckets=samples.histogram(), sum_value=samples.sum)
         by_kind: dict[tuple[str, str, str], int] = {}
         up = GaugeMetricFamily(
             "robonet_device_up", "1 while the device is online", labels=["device_id", "face", "role"]
