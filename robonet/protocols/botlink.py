@@ -108,6 +108,9 @@ class BotLinkProtocol(Protocol):
         "_acks",
         "_peer",
         "_legacy",
+        "identity",
+        "_ingest_identity",
+        "_session",
     )
 
     def __init__(self, factory: BotLinkFactory, address: IAddress | None) -> None:
@@ -134,6 +137,9 @@ class BotLinkProtocol(Protocol):
         self._acks: CommitAcks[tuple[int, int]] | None = None
         self._peer: Any = None
         self._legacy: LegacyDevice | None = None
+        self.identity: Any = None  # robonet.auth.Identity after login (hub.auth attached)
+        self._ingest_identity: Any = None  # the identity to check per data message (None: checked once)
+        self._session: Any = None  # robonet.auth.Session of a token login
 
     # -- connection lifecycle --
 
@@ -158,6 +164,9 @@ class BotLinkProtocol(Protocol):
             self._peer.connection_lost(reason)
         if self.device is not None and self.mode == "native":
             self.hub.disconnect(self, self.device_id)
+        if self._session is not None:
+            self.hub.auth.sessions.remove(self._session)
+            self._session = None
 
     def idle_check(self, now: float) -> None:
         """Called by the factory's IdleWatch at this connection's deadline: close, or watch again.
@@ -329,8 +338,34 @@ class BotLinkProtocol(Protocol):
         if not isinstance(obj.get("type"), str):
             self._error("missing_type", "message has no string 'type'", _id(obj))
             return
+        if not self._legacy_login():
+            return
         self._enter_legacy()
         self._legacy_frame(payload, obj)
+
+    # -- authentication (robonet/auth.py: this face only translates its credentials) --
+
+    def _legacy_login(self) -> bool:
+        """The legacy dialect carries no token: log in by address (lan mode), else refuse."""
+        auth = getattr(self.hub, "auth", None)
+        if auth is None or self.ip in self.cfg.legacy_names:
+            return True
+        from robonet.auth import Unauthorized
+
+        try:
+            self.identity = auth.login_now(None, self.ip, "botlink", legacy=True)
+        except Unauthorized as e:
+            self.hub.stats.error("unauthorized")
+            self.log.info(
+                "bot link {address}: legacy bot refused ({reason})", address=self.address, reason=e.reason
+            )
+            self.close_with_error("unauthorized", e.message)
+            return False
+        return True
+
+    def _revoked(self, reason: str) -> None:
+        self.hub.stats.error("unauthorized")
+        self.close_with_error("unauthorized", f"credential {reason}")
 
     # -- native dialect --
 
@@ -346,8 +381,20 @@ class BotLinkProtocol(Protocol):
             self._peer = acceptor.accept(self, obj)
             return
         auth = self.factory.auth
+        core = getattr(self.hub, "auth", None)
+        identity = None
         try:
-            hello = env.parse_hello(obj, tokens=auth.tokens if auth.mode == "token" else None)
+            hello = env.parse_hello(
+                obj, tokens=auth.tokens if auth.mode == "token" and core is None else None
+            )
+            if core is not None:
+                from robonet.auth import Unauthorized
+
+                token = obj.get("token")
+                try:
+                    identity = core.login_now(token if isinstance(token, str) else None, self.ip, "botlink")
+                except Unauthorized as e:
+                    raise HubError("auth_failed" if token else "unauthorized", e.message) from None
         except HubError as e:
             self.hub.stats.error(e.code)
             if e.code == "auth_failed":
@@ -370,6 +417,17 @@ class BotLinkProtocol(Protocol):
             max_frame=self.cfg.max_frame,
             device_id=device_id,
         )
+        if identity is not None:
+            if role == "robot":
+                try:  # a robot may only say hello as a device its credential names
+                    self.hub.authorize(identity, "publish", device_id, face="botlink")
+                except HubError as e:
+                    self.close_with_error(e.code, e.message)
+                    return
+            self.identity = identity
+            self._ingest_identity = None if role == "robot" else identity
+            if identity.credential:
+                self._session = self.hub.auth.sessions.add(identity, "botlink", self.address, self._revoked)
         self._send(encode_obj(welcome))
         self.hub.stats.count_in("hello")
         self.device = self.hub.connect(
@@ -399,7 +457,15 @@ class BotLinkProtocol(Protocol):
         elif mtype in self.hub.commands:
             self._command(obj, mid, payload)
         else:
-            batch = self.hub.ingest(self.device, Message(mtype, obj, self.device_id, self._now, mid, payload))
+            msg = Message(mtype, obj, self.device_id, self._now, mid, payload)
+            if self._ingest_identity is None:
+                batch = self.hub.ingest(self.device, msg)
+            else:
+                try:
+                    batch = self.hub.ingest(self.device, msg, self._ingest_identity)
+                except HubError as e:  # forbidden: this credential may not send data
+                    self._send(encode_obj(error_obj(e.code, e.message, mid)))
+                    return
             if mid is not None:
                 self.acks_out += 1
                 if batch is None:
@@ -449,7 +515,7 @@ class BotLinkProtocol(Protocol):
             self.hub.stats.error("unknown_endpoint")
             self._respond_error(mid, "unknown_endpoint", "request needs a string 'endpoint'")
             return
-        d = self.hub.request(endpoint, obj.get("data"), self.device_id)
+        d = self.hub.request(endpoint, obj.get("data"), self.device_id, self.identity, "botlink")
         d.addCallbacks(self._respond, self._respond_failure, callbackArgs=(mid,), errbackArgs=(mid,))
 
     def _respond(self, result: Any, mid: int | None) -> None:
@@ -479,7 +545,7 @@ class BotLinkProtocol(Protocol):
         except HubError as e:  # a malformed target is an error, never a broadcast
             self._error(e.code, e.message, mid)
             return
-        d = self.hub.command(obj, self.device_id, target)
+        d = self.hub.command(obj, self.device_id, target, self.identity, "botlink", self.ip)
         checksum = sum(payload) & 0xFFFFFFFF
         d.addCallbacks(
             self._command_done, self._command_failed, callbackArgs=(mid, checksum), errbackArgs=(mid,)
@@ -560,6 +626,8 @@ class BotLinkProtocol(Protocol):
         if self.factory.auth.mode == "token" and self.ip not in self.cfg.legacy_names:
             self.hub.stats.error("unauthorized")
             self.close_with_error("unauthorized", "unknown legacy bot")
+            return
+        if not self._legacy_login():
             return
         self._enter_legacy()
         self.mode = "poll"
