@@ -101,3 +101,39 @@ class PinnedConnectionTests(unittest.TestCase):
         client2.connectionLost = lambda reason: lost.callback(None)  # type: ignore[method-assign]
         yield lost
         self.assertFalse(client2.got.called)
+
+
+class DaemonTlsTests(unittest.TestCase):
+    """tls.mode = auto on the real daemon: the ssl: bot link, and BotClient pinning its fingerprint."""
+
+    timeout = 60
+
+    def test_botclient_pins_daemon_certificate(self) -> None:
+        """The daemon logs its fingerprint; BotClient(fingerprint=) says hello over TLS with it, and
+        refuses a different pin."""
+        import re
+
+        from robonet.client import BotClient
+        from tests.daemon import free_port, start_daemon
+
+        port = free_port()
+        daemon = start_daemon(
+            self,
+            faces=("botlink",),
+            store=False,
+            env={
+                "ROBONET_TLS_MODE": "auto",
+                "ROBONET_TLS_BOTLINK_LISTEN": f"ssl:{port}:interface=127.0.0.1",
+                "ROBONET_TLS_LINE_LISTEN": "none",
+                "ROBONET_TLS_WEB_LISTEN": "none",
+            },
+            ports={"ssl": port},
+        )
+        match = re.search(r"fingerprint ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})", daemon.log())
+        self.assertIsNotNone(match, daemon.log()[-2000:])
+        fp = match.group(1)  # type: ignore[union-attr]
+        with BotClient("127.0.0.1", port, role="client", fingerprint=fp, auto_reconnect=False) as c:
+            self.assertEqual(c.request("ping")["pong"], True)
+        wrong = "00:" * 31 + "00"
+        bad = BotClient("127.0.0.1", port, role="client", fingerprint=wrong, auto_reconnect=False)
+        self.assertRaises(PinMismatch, bad.connect)

@@ -169,6 +169,8 @@ class BotClient:
     see :meth:`send` and :meth:`poll_instruction`.
 
     Use as a context manager (``with BotClient(...) as bot:`` connects and closes).
+    ``fingerprint`` (SHA-256, ``AB:CD:...``, as the hub logs it) connects with TLS to an ``ssl:``
+    bot link and accepts only that certificate (robonet.tls.PinMismatch otherwise).
     """
 
     def __init__(
@@ -187,6 +189,7 @@ class BotClient:
         legacy: bool = False,
         max_frame: int = DEFAULT_MAX_FRAME,
         source_address: tuple[str, int] | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         if role not in ("robot", "client"):
             raise ValueError(f"role must be 'robot' or 'client', not {role!r}")
@@ -203,6 +206,8 @@ class BotClient:
         self.legacy = legacy
         self.max_frame = max_frame
         self.source_address = source_address
+        # TLS to an ssl: bot link, accepting only the certificate with this SHA-256 (robonet/tls.py)
+        self.fingerprint = fingerprint
         self.welcome: dict[str, Any] | None = None
         self._lock = threading.Lock()  # _sock, _pending, _ids
         self._write_lock = threading.Lock()  # one frame at a time on the wire
@@ -390,6 +395,10 @@ class BotClient:
             (self.host, self.port), timeout=self.timeout, source_address=self.source_address
         )
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.fingerprint:
+            from robonet.tls import wrap_pinned
+
+            return wrap_pinned(sock, self.fingerprint)  # raises PinMismatch for another certificate
         return sock
 
     def _open(self) -> dict[str, Any]:
