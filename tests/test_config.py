@@ -122,6 +122,7 @@ class DefaultsTests(SynchronousTestCase):
                 "stop",
                 "movement_instruction",
                 "trial_response",
+                "line",
             ),
         )
         b = c.botlink
