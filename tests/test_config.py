@@ -120,6 +120,7 @@ class DefaultsTests(SynchronousTestCase):
                 "stop",
                 "movement_instruction",
                 "trial_response",
+                "line",
             ),
         )
         b = c.botlink

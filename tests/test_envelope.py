@@ -192,3 +192,14 @@ class ErrorsPageTests(SynchronousTestCase):
             raise self.skipTest("docs/ not shipped with this installation")
         listed = re.findall(r"^   \* - ``([a-z_]+)``$", page.read_text(), re.M)
         self.assertEqual(listed, list(env.ERROR_CODES))
+
+
+class TargetOrErrorTests(SynchronousTestCase):
+    def test_target_or_error(self) -> None:
+        """target_or_error returns the target or the bad_frame error instead of raising."""
+        self.assertEqual(env.target_or_error({"device_id": "r1"}), ("r1", None))
+        self.assertEqual(env.target_or_error({}), (None, None))
+        target, err = env.target_or_error({"device_id": 5})
+        self.assertIsNone(target)
+        assert err is not None
+        self.assertEqual(err.code, "bad_frame")
