@@ -110,6 +110,30 @@ def lab_script(Connection: Any, port: int) -> dict[str, Any]:  # noqa: N803
     return {"greeting": greeting, "result": result}
 
 
+def two_lab_scripts(Connection: Any, port: int) -> dict[str, Any]:  # noqa: N803
+    """Two LabAuto scripts synchronised through robonet with bare text lines (``line`` commands).
+
+    ``bench`` names itself, then only waits for ``ready``; ``script`` sends it ``ready`` and waits
+    for ``bench``'s ``DONE``.
+    """
+    bench = Connection.connect("127.0.0.1", port)
+    script = Connection.connect("127.0.0.1", port)
+    try:
+        bench.send_json({"type": "hello", "role": "robot", "device_id": "bench"})
+        bench.receive_json()  # the welcome: the device is registered from here on
+        script.send_json({"type": "hello", "role": "robot", "device_id": "script"})
+        script.receive_json()
+        script.send_json({"type": "line", "id": 1, "device_id": "bench", "text": "ready"})
+        ack = script.receive_json()
+        got = bench.wait_for("ready")
+        bench.send_json({"type": "line", "device_id": "script", "text": "DONE"})
+        done = script.wait_for("DONE")
+    finally:
+        bench.close()
+        script.close()
+    return {"ack": ack, "got": got, "done": done}
+
+
 class LineLinkOverTCPTests(TestCase):
     """Real sockets on 127.0.0.1, bounded by socket timeouts; everything closed in cleanup."""
 
@@ -140,6 +164,12 @@ class LineLinkOverTCPTests(TestCase):
                 self.fail("condition not reached")
             await task.deferLater(reactor, 0.01, lambda: None)
             waited += 0.01
+
+    async def test_two_lab_scripts_talk_text(self) -> None:
+        """Two LabAuto scripts' wait_for("ready") / "DONE" handshake works through robonet (issue 11)."""
+        result = await threads.deferToThread(two_lab_scripts, TimedConnection, self.port)
+        self.assertEqual((result["ack"]["type"], result["ack"]["id"]), ("ack", 1))
+        self.assertEqual((result["got"], result["done"]), ("ready", "DONE"))
 
     async def test_seed_client_with_robonet_connection(self) -> None:
         """Seed 001's client.py runs unchanged with `from robonet.client import Connection`."""

@@ -5,6 +5,10 @@ The wire codec is :mod:`robonet.protocols.botlink_framing`, the Cartobot dialect
 responses) :mod:`robonet.protocols.envelope` and the per-connection command/ack state
 :mod:`robonet.protocols.deliveries`; this module only feeds frames through them. The names below
 ``__all__`` are re-exported for the modules and tests that import them from here.
+
+Over 600 lines: one Protocol serves both dialects (the dialect is decided by a connection's first
+bytes) plus the idle-deadline heap and the factory; its hot path (``_native``) stays inline on purpose
+(PERFORMANCE.md), so it is not split into smaller calls.
 """
 
 from __future__ import annotations
@@ -407,15 +411,13 @@ class BotLinkProtocol(Protocol):
         self.mode = "native"
         self.device_id = device_id
         self._decoder.max_frame = self.cfg.max_frame
-        node = self.hub.node
-        welcome = env.welcome_obj(
-            session=str(uuid.uuid4()),
-            node_id=node.node_id,
-            node_name=node.name,
+        welcome = env.welcome_for(
+            self.hub.node,
             version=robonet.__version__,
             heartbeat_s=HEARTBEAT_S,
             max_frame=self.cfg.max_frame,
             device_id=device_id,
+            session=str(uuid.uuid4()),
         )
         if identity is not None:
             if role == "robot":
@@ -540,10 +542,9 @@ class BotLinkProtocol(Protocol):
         self._send(encode_obj(env.response_error_obj(mid, code, message)))
 
     def _command(self, obj: dict[str, Any], mid: int | None, payload: bytes) -> None:
-        try:
-            target = env.command_target(obj)
-        except HubError as e:  # a malformed target is an error, never a broadcast
-            self._error(e.code, e.message, mid)
+        target, bad = env.target_or_error(obj)
+        if bad is not None:  # a malformed target is an error, never a broadcast
+            self._error(bad.code, bad.message, mid)
             return
         d = self.hub.command(obj, self.device_id, target, self.identity, "botlink", self.ip)
         checksum = sum(payload) & 0xFFFFFFFF

@@ -13,13 +13,14 @@ Constants
 Checks
     ``valid_id(v)``, ``valid_device_id(v)``, ``valid_proto(v)``, ``message_id(obj)``,
     ``message_type(obj)``, ``check_proto(obj)``, ``check_token(tokens, token, role)``,
-    ``command_target(obj)``, ``classify(mtype, commands)``, ``parse_hello(obj, ...)`` -> :class:`Hello`.
+    ``command_target(obj)``, ``target_or_error(obj)``, ``classify(mtype, commands)``,
+    ``parse_hello(obj, ...)`` -> :class:`Hello`.
 Acks
     ``additive_sum(payload)``, ``ack_obj(id, sum)``, ``ack_sum_ok(ack, expected)``.
 Answers
     ``error_obj(code, message, ref)``, ``welcome_obj(...)``, ``response_obj(id, result)``,
-    ``response_error_obj(id, code, message)``, ``encode_response(id, result, dumps)``,
-    ``failure_code(exc)``, ``remote_error(obj)``.
+    ``response_error_obj(id, code, message)``, ``welcome_for(node, ...)``,
+    ``encode_response(id, result, dumps)``, ``failure_code(exc)``, ``remote_error(obj)``.
 
 Every check that refuses raises :class:`~robonet.model.HubError` with a code from ERROR_CODES, so a
 face maps one exception to its own error shape and counts ``hub.stats.error(e.code)``.
@@ -174,6 +175,14 @@ def command_target(obj: Mapping[str, Any]) -> str | None:
     return target  # type: ignore[no-any-return]
 
 
+def target_or_error(obj: Mapping[str, Any]) -> tuple[str | None, HubError | None]:
+    """:func:`command_target` without raising: ``(target, None)`` or ``(None, the bad_frame error)``."""
+    try:
+        return command_target(obj), None
+    except HubError as e:
+        return None, e
+
+
 def classify(mtype: str, commands: Collection[str]) -> str:
     """``SPECIAL`` (envelope type), ``COMMAND`` (in the hub's allowlist ``commands``) or ``DATA``."""
     if mtype in SPECIAL_TYPES:
@@ -275,6 +284,21 @@ def welcome_obj(
         "max_frame": max_frame,
         "device_id": device_id,
     }
+
+
+def welcome_for(
+    node: Any, *, version: str, heartbeat_s: int, max_frame: int, device_id: str, session: str
+) -> dict[str, Any]:
+    """:func:`welcome_obj` for hub node ``node`` (anything with ``node_id`` and ``name``)."""
+    return welcome_obj(
+        session=session,
+        node_id=node.node_id,
+        node_name=node.name,
+        version=version,
+        heartbeat_s=heartbeat_s,
+        max_frame=max_frame,
+        device_id=device_id,
+    )
 
 
 def response_obj(msg_id: int | None, result: Any) -> dict[str, Any]:

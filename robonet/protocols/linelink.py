@@ -499,15 +499,13 @@ class LineLinkProtocol(Protocol):
         self.device = self.hub.connect(
             self, device_id, face=FACE, role=role, address=self.address, name=self.name, dialect="robonet/1"
         )
-        node = self.hub.node
-        welcome = env.welcome_obj(
-            session=str(uuid.uuid4()),
-            node_id=node.node_id,
-            node_name=node.name,
-            version=node.version,
+        welcome = env.welcome_for(
+            self.hub.node,
+            version=self.hub.node.version,
             heartbeat_s=self.factory.heartbeat_s,
             max_frame=self.factory.max_line,
             device_id=device_id,
+            session=str(uuid.uuid4()),
         )
         self._send(encode_line(welcome))
 
@@ -566,10 +564,9 @@ class LineLinkProtocol(Protocol):
         self.hub.request(endpoint, obj.get("data"), self.device_id).addCallbacks(ok, failed)
 
     def _command(self, obj: dict[str, Any], mid: int | None, line: bytes) -> None:
-        try:
-            target = env.command_target(obj)
-        except HubError as e:  # a malformed target is an error, never a broadcast
-            self._error(e.code, e.message, mid)
+        target, bad = env.target_or_error(obj)
+        if bad is not None:  # a malformed target is an error, never a broadcast
+            self._error(bad.code, bad.message, mid)
             return
         self._inflight += 1
         checksum = additive_sum(line) if mid is not None else 0
