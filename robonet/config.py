@@ -33,6 +33,7 @@ DEFAULT_COMMANDS = (
     "stop",
     "movement_instruction",
     "trial_response",
+    "line",  # one bare text line to a line-link (LabAuto) device, docs/linelink.rst
 )
 
 

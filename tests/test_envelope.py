@@ -179,3 +179,16 @@ class AnswerTests(SynchronousTestCase):
         for code, entry in env.ERROR_CODES.items():
             self.assertTrue(entry.meaning, code)
             self.assertTrue(set(entry.faces) <= {"botlink", "line", "web", "peer", "camera"}, code)
+
+
+class ErrorsPageTests(SynchronousTestCase):
+    def test_docs_list_every_code(self) -> None:
+        """docs/errors.rst lists exactly the codes of ERROR_CODES (documented once, kept in sync)."""
+        import pathlib
+        import re
+
+        page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "errors.rst"
+        if not page.exists():
+            raise self.skipTest("docs/ not shipped with this installation")
+        listed = re.findall(r"^   \* - ``([a-z_]+)``$", page.read_text(), re.M)
+        self.assertEqual(listed, list(env.ERROR_CODES))

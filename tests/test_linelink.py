@@ -834,7 +834,7 @@ class LimitTests(SynchronousTestCase):
         c.dataReceived(b"hello\n")
         self.assertEqual(ctr.value(), SERVER_FULL)
         rig.drop(c)
-        self.assertEqual(rig.factory.client_count, 2)
+        self.assertEqual(len(rig.factory.connections), 2)
         rig.drop(a)
         d, dtr = rig.connect()
         d.dataReceived(b"hello\n")
@@ -943,7 +943,7 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(rig.hub.stats.connections["line"], 1)
         rig.drop(proto)
         self.assertEqual(rig.hub.stats.connections["line"], 0)
-        self.assertEqual(rig.factory.client_count, 0)
+        self.assertEqual(len(rig.factory.connections), 0)
 
 
 class BadInputTests(SynchronousTestCase):
@@ -1011,3 +1011,125 @@ class BadInputTests(SynchronousTestCase):
         bad.dataReceived(b"q" * 100)
         self.assertTrue(btr.disconnecting)
         self.assert_serves(good, gtr)
+
+
+class EnvelopeRegressionTests(SynchronousTestCase):
+    """Issue 11: the line link judges proto, device ids and targets by the shared envelope rules."""
+
+    def setUp(self) -> None:
+        self.rig = Rig()
+        self.hub = self.rig.hub
+
+    def test_proto_true_refused(self) -> None:
+        """proto true is proto_unsupported, as on the bot link (it was accepted: True == 1)."""
+        proto, tr = self.rig.connect()
+        proto.dataReceived(b'{"type":"hello","proto":true,"role":"robot","device_id":"laser"}\n')
+        [err] = out_json(tr)
+        self.assertEqual((err["type"], err["code"]), ("error", "proto_unsupported"))
+        self.assertTrue(tr.disconnecting)
+        self.assertEqual(self.hub.registry.devices(), [])
+
+    def test_bad_target_string(self) -> None:
+        """A device_id that is a string but not a valid id is bad_frame (one rule for every face)."""
+        proto, tr = self.rig.connect()
+        proto.dataReceived(b'{"type":"stop","id":3,"device_id":"a b"}\n')
+        [err] = out_json(tr)
+        self.assertEqual((err["code"], err["ref"]), ("bad_frame", 3))
+
+
+class LineTextCommandTests(SynchronousTestCase):
+    """The ``line`` command: a bare text line to a LabAuto-dialect device, acked like any command."""
+
+    def setUp(self) -> None:
+        self.rig = Rig()
+        self.hub = self.rig.hub
+
+    def named(self, device_id: str, role: str = "robot") -> tuple[LineLinkProtocol, Transport]:
+        proto, tr = self.rig.connect()
+        hello = {"type": "hello", "role": role, "device_id": device_id}
+        proto.dataReceived(orjson.dumps(hello) + b"\n")
+        [welcome] = out_json(tr)
+        self.assertEqual(welcome["type"], "welcome")
+        return proto, tr
+
+    def test_in_default_allowlist(self) -> None:
+        """``line`` is a command out of the box."""
+        self.assertIn("line", self.hub.commands)
+
+    def test_hub_command_writes_bare_text(self) -> None:
+        """Any face's ``line`` command reaches the device as exactly ``text\\n``, and is acked at once."""
+        _oven, otr = self.named("oven")
+        result: list[Any] = []
+        self.hub.command({"type": "line", "text": "ready"}, "tester", "oven").addBoth(result.append)
+        self.assertEqual(otr.value(), b"ready\n")
+        self.assertEqual(result, [["oven"]])
+
+    def test_two_labauto_connections_talk(self) -> None:
+        """Two LabAuto connections exchange text lines through the hub (wait_for('ready') / 'DONE')."""
+        _a, atr = self.named("script_a")
+        b, btr = self.named("script_b")
+        a = _a
+        a.dataReceived(b'{"type":"line","id":1,"device_id":"script_b","text":"ready"}\n')
+        self.assertEqual(btr.value(), b"ready\n")
+        btr.clear()
+        [ack] = out_json(atr)
+        self.assertEqual((ack["type"], ack["id"]), ("ack", 1))
+        b.dataReceived(b'{"type":"line","device_id":"script_a","text":"DONE"}\n')
+        self.assertEqual(atr.value(), b"DONE\n")
+        self.assertEqual(btr.value(), b"")  # no id: fire and forget
+
+    def test_offline_target(self) -> None:
+        """A ``line`` to a device that is not connected gets device_offline, like other commands."""
+        a, atr = self.named("script_a")
+        a.dataReceived(b'{"type":"line","id":2,"device_id":"nobody","text":"ready"}\n')
+        [err] = out_json(atr)
+        self.assertEqual((err["code"], err["ref"]), ("device_offline", 2))
+
+    def test_bad_text(self) -> None:
+        """Missing, empty, non-string or multi-line text is bad_frame; nothing is written."""
+        _oven, otr = self.named("oven")
+        a, atr = self.named("script_a")
+        for bad in (None, "", 5, "a\nb"):
+            body: dict[str, Any] = {"type": "line", "id": 3, "device_id": "oven"}
+            if bad is not None:
+                body["text"] = bad
+            a.dataReceived(orjson.dumps(body) + b"\n")
+            [err] = out_json(atr)
+            self.assertEqual((err["code"], err["ref"]), ("bad_frame", 3), bad)
+        self.assertEqual(otr.value(), b"")
+
+    def test_not_reading_times_out(self) -> None:
+        """While the device does not read (write buffer full), delivery_timeout after ack_timeout."""
+        oven, otr = self.named("oven")
+        oven.transport.producer.pauseProducing()  # type: ignore[union-attr]
+        result: list[Any] = []
+        self.hub.command({"type": "line", "text": "ready"}, "tester", "oven").addErrback(
+            lambda f: result.append(f.value.code)
+        )
+        self.assertEqual(result, [])
+        self.rig.clock.advance(self.rig.config.botlink.ack_timeout)
+        self.assertEqual(result, ["delivery_timeout"])
+
+    def test_resumed_reading_delivers(self) -> None:
+        """A line waiting for a non-reading device is acked when it reads again."""
+        oven, otr = self.named("oven")
+        producer = oven.transport.producer  # type: ignore[union-attr]
+        producer.pauseProducing()
+        result: list[Any] = []
+        self.hub.command({"type": "line", "text": "go"}, "tester", "oven").addBoth(result.append)
+        producer.resumeProducing()
+        self.assertEqual(result, [["oven"]])
+        self.rig.clock.advance(60)
+        self.assertEqual(result, [["oven"]])
+
+    def test_labauto_wait_for_through_robonet(self) -> None:
+        """A seed LabAuto script's wait_for('ready') pattern: a plain text client sends, the text arrives.
+
+        The LabAuto device names itself with one hello line (ignored by wait_for), then only reads.
+        """
+        _dev, dtr = self.named("bench")
+        sender, str_ = self.rig.connect()
+        sender.dataReceived(b"start\n")  # LabAuto text: ingested as usual
+        sender.dataReceived(b'{"type":"line","device_id":"bench","text":"ready"}\n')
+        lines = dtr.value().split(b"\n")
+        self.assertIn(b"ready", lines)

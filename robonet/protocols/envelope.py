@@ -301,8 +301,9 @@ def encode_response(msg_id: int | None, result: Any, dumps: Callable[[Any], byte
         return dumps(err), False
 
 
-def failure_code(exc: BaseException) -> tuple[str, str]:
-    """``(code, message)`` for an exception from the hub: a HubError's own, else ``internal``."""
+def failure_code(exc: BaseException | None) -> tuple[str, str]:
+    """``(code, message)`` for an exception from the hub (e.g. ``failure.value``): a HubError's own,
+    else ``internal``."""
     if isinstance(exc, HubError):
         return exc.code, exc.message
     return "internal", f"{type(exc).__name__}: {exc}"

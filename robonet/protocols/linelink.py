@@ -13,8 +13,17 @@ leaves open):
    go to the hub's callbacks, and the ``text`` / ``json`` endpoints (or, for text, the built-in
    replies) may answer with exactly one line.
 
-:class:`LineSplitter` and the ``encode_*`` / :func:`decode_line` helpers are pure (no I/O);
+The codec (:class:`LineSplitter`, ``encode_*``, :func:`decode_line`) is
+:mod:`robonet.protocols.linelink_codec` (re-exported here); the witch-core and LabAuto dialects are
+:mod:`robonet.protocols.linelink_dialects`; robonet/1 decisions come from
+:mod:`robonet.protocols.envelope` and the command/ack state from :mod:`robonet.protocols.deliveries`.
 :class:`LineLinkProtocol` only feeds them and dispatches to the hub.
+
+A ``line`` command (``{"type":"line","device_id":D,"text":T}``, docs/linelink.rst) reaches a
+line-link device as the bare text line ``T`` (for LabAuto's ``wait_for``).
+
+Over 600 lines: the Protocol carries output ordering (in-order replies, one write per read), flow
+control and the robonet/1 handlers together; splitting them further would scatter one state machine.
 """
 
 from __future__ import annotations
@@ -24,7 +33,6 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
@@ -34,8 +42,31 @@ from zope.interface import implementer
 
 from robonet.config import Config
 from robonet.fanout import OutboundQueue
+from robonet.limits import PerAddressLimiter
 from robonet.model import Command, Event, HubError, Message, iso_utc
-from robonet.protocols.botlink import additive_sum
+from robonet.protocols import envelope as env
+from robonet.protocols import linelink_dialects as dialects
+from robonet.protocols.deliveries import CommitAcks, PendingCommands
+from robonet.protocols.envelope import additive_sum
+from robonet.protocols.linelink_codec import (
+    _ACK,
+    _OPT,
+    BAD_JSON,
+    BAD_UTF8,
+    OBJECT,
+    TEXT,
+    LineSplitter,
+    _dumps,
+    _JSONDecodeError,
+    _loads,
+    decode_line,
+    encode_ack,
+    encode_answer,
+    encode_error,
+    encode_event,
+    encode_line,
+    encode_status_error,
+)
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress
@@ -44,216 +75,34 @@ if TYPE_CHECKING:
     from robonet.registry import Device
 
 FACE = "line"
-PROTO = 1
-MAX_ID = 2**53
-MAX_DEVICE_ID = 128
+PROTO = env.PROTO
+MAX_ID = env.MAX_ID
+MAX_DEVICE_ID = env.MAX_DEVICE_ID
 # A closing connection whose peer does not read gets this long to drain, then is aborted.
 ABORT_AFTER = 10.0
-# Built-in answers to LabAuto text lines when no ``text`` endpoint is registered (docs/linelink.rst).
-DEFAULT_TEXT_REPLIES: Mapping[str, str] = {"hello": "ok", "ping": "pong"}
 PROTOCOLS = ("robonet/1", "witch-core", "labauto")
-# Token roles that allow any hello role (as on the bot link).
-ANY_ROLE = ("any", "admin")
+ANY_ROLE = env.ANY_ROLE
 SERVER_FULL = b'{"status":"error","message":"server full"}\n'
 
-_OPT = orjson.OPT_NON_STR_KEYS
-_dumps = orjson.dumps
-_loads = orjson.loads
-_JSONDecodeError = orjson.JSONDecodeError
-_ACK = b'{"type":"ack","id":%d,"sum":%d}\n'
-
-# decode_line kinds
-TEXT = 0
-OBJECT = 1
-BAD_JSON = 2
-BAD_UTF8 = 3
-
-
-# --- pure codec ----------------------------------------------------------------------------------
-
-
-class LineSplitter:
-    """Incremental line splitter: feed it reads of any size, get whole stripped lines back.
-
-    Lines end with ``\\n``; each returned line has surrounding ASCII whitespace (and so a trailing
-    ``\\r``) stripped; blank lines are dropped. A line whose raw length (without its ``\\n``) exceeds
-    ``max_line`` bytes is an overflow: :meth:`feed` reports it at once (even before its newline
-    arrives) and the splitter holds nothing more. One ``bytes.split`` per read with a newline; a
-    partial line is kept as a list of chunks, so a line dribbled in byte by byte costs O(n), not
-    O(n^2) as re-joining on every read would.
-    """
-
-    __slots__ = ("max_line", "_parts", "_held")
-
-    def __init__(self, max_line: int) -> None:
-        self.max_line = max_line
-        self._parts: list[bytes] = []
-        self._held = 0
-
-    @property
-    def pending(self) -> int:
-        """Bytes held of an incomplete line."""
-        return self._held
-
-    def reset(self) -> None:
-        """Forget any partial line."""
-        self._parts = []
-        self._held = 0
-
-    def feed(self, data: bytes) -> tuple[list[bytes], bool]:
-        """Append ``data``; return ``(complete non-blank lines in order, overflow)``.
-
-        When ``overflow`` is true the lines before the over-long one are still returned; the
-        caller is expected to reject the connection (the stream cannot be trusted past it).
-        """
-        limit = self.max_line
-        if data.find(b"\n") < 0:
-            held = self._held + len(data)
-            if held > limit:
-                self.reset()
-                return [], True
-            if data:
-                self._parts.append(data)
-                self._held = held
-            return [], False
-        if self._parts:
-            self._parts.append(data)
-            data = b"".join(self._parts)
-            self._parts = []
-        raw_lines = data.split(b"\n")
-        tail = raw_lines.pop()
-        out: list[bytes] = []
-        append = out.append
-        for raw in raw_lines:
-            if len(raw) > limit:
-                self.reset()
-                return out, True
-            line = raw.strip()
-            if line:
-                append(line)
-        if len(tail) > limit:
-            self.reset()
-            return out, True
-        if tail:
-            self._parts = [tail]
-            self._held = len(tail)
-        else:
-            self._held = 0
-        return out, False
-
-
-def decode_line(line: bytes) -> tuple[int, Any]:
-    """Classify one stripped, non-empty line.
-
-    Returns ``(OBJECT, dict)`` for a line starting with ``{`` that parses as JSON (it is then an
-    object), ``(TEXT, str)`` for any other valid UTF-8 line (``[1]``, ``42`` and ``"x"`` are text),
-    ``(BAD_JSON, reason)`` for a ``{`` line that does not parse (depth over 1024 included), and
-    ``(BAD_UTF8, reason)`` for invalid UTF-8.
-    """
-    if line[0] == 0x7B:  # "{"
-        try:
-            return OBJECT, _loads(line)
-        except _JSONDecodeError as e:
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                return BAD_UTF8, "line is not valid UTF-8"
-            return BAD_JSON, f"invalid JSON: {str(e)[:120]}"
-    try:
-        return TEXT, line.decode("utf-8")
-    except UnicodeDecodeError:
-        return BAD_UTF8, "line is not valid UTF-8"
-
-
-def encode_line(obj: Any) -> bytes:
-    """One JSON line (``orjson``; non-string dict keys allowed). Raises TypeError if not JSON-able."""
-    return _dumps(obj, option=_OPT) + b"\n"
-
-
-def encode_ack(msg_id: int, checksum: int) -> bytes:
-    """``{"type":"ack","id":N,"sum":S}`` line from a template (hot path)."""
-    return _ACK % (msg_id, checksum)
-
-
-def encode_error(code: str, message: str, ref: int | None = None) -> bytes:
-    """Bot-link error line ``{"type":"error","code","message","ref"}`` (spec/botlink.md section 7)."""
-    return encode_line({"type": "error", "code": code, "message": message, "ref": ref})
-
-
-def encode_status_error(message: str, timestamp: str, code: str | None = None) -> bytes:
-    """witch-core error line ``{"status":"error",["code",]"message","timestamp"}``."""
-    obj: dict[str, Any] = {"status": "error"}
-    if code is not None:
-        obj["code"] = code
-    obj["message"] = message
-    obj["timestamp"] = timestamp
-    return encode_line(obj)
-
-
-def encode_answer(result: Any) -> bytes | None:
-    """A callback/endpoint answer to a LabAuto line as exactly one line, or None for no answer.
-
-    None and ``""`` -> no line; ``str`` (``bytes`` decoded as UTF-8) -> the text itself with line
-    breaks replaced by spaces; anything else -> its JSON. Raises TypeError if not JSON-able.
-    """
-    if result is None:
-        return None
-    if isinstance(result, (bytes, bytearray)):
-        result = bytes(result).decode("utf-8", "replace")
-    if isinstance(result, str):
-        if "\n" in result or "\r" in result:
-            result = result.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
-        result = result.strip()
-        return (result + "\n").encode("utf-8") if result else None
-    return encode_line(result)
-
-
-def encode_event(ev: Event) -> bytes:
-    """A fan-out event as one robonet-envelope line for a subscribed line-link connection.
-
-    data: ``{...body without id/ref/ts, "type": T, "device_id": D, "ts": at[, "hub": H]}``;
-    status: ``{"type":"device_update","event":"device_up"|...,"device":{record},"ts":at}``.
-    """
-    if ev.kind == "status":
-        return encode_line({"type": "device_update", "event": ev.type, "device": ev.body, "ts": ev.at})
-    out = {k: v for k, v in ev.body.items() if k not in ("id", "ref", "ts")}
-    out["type"] = ev.type
-    out["device_id"] = ev.device_id
-    out["ts"] = ev.at
-    if ev.hub:
-        out["hub"] = ev.hub
-    return encode_line(out)
-
-
-def _failure_code(f: Failure) -> tuple[str, str]:
-    v = f.value
-    if isinstance(v, HubError):
-        return v.code, v.message
-    return "internal", f"{type(v).__name__}: {v}"
+__all__ = [
+    "BAD_JSON",
+    "BAD_UTF8",
+    "OBJECT",
+    "TEXT",
+    "LineLinkFactory",
+    "LineLinkProtocol",
+    "LineSplitter",
+    "decode_line",
+    "encode_ack",
+    "encode_answer",
+    "encode_error",
+    "encode_event",
+    "encode_line",
+    "encode_status_error",
+]
 
 
 # --- protocol ------------------------------------------------------------------------------------
-
-
-class _Slot:
-    """One reply owed to a witch-core/LabAuto line, in request order. ``data`` None = no line."""
-
-    __slots__ = ("data", "done")
-
-    def __init__(self) -> None:
-        self.data: bytes | None = None
-        self.done = False
-
-
-class _Delivery:
-    """A command written to a robot, waiting for its ack."""
-
-    __slots__ = ("deferred", "timer", "checksum")
-
-    def __init__(self, deferred: defer.Deferred[Any], timer: IDelayedCall, checksum: int) -> None:
-        self.deferred = deferred
-        self.timer = timer
-        self.checksum = checksum
 
 
 @implementer(IPushProducer)
@@ -284,6 +133,7 @@ class _Flow:
         t = self.proto.transport
         if t is not None and not self.proto.closing:
             t.resumeProducing()  # type: ignore[attr-defined]
+            self.proto.drained()
         q = self.proto.queue
         if q is not None:
             q.resumeProducing()
@@ -336,10 +186,10 @@ class LineLinkProtocol(Protocol):
         self._subscriber: _LineSubscriber | None = None
         self._flow: _Flow | None = None
         self._out: list[bytes] | None = None
-        self._slots: deque[_Slot] = deque()
+        self._slots: deque[dialects.Slot] = deque()
         self._inflight = 0
-        self._deliveries: dict[int, _Delivery] = {}
-        self._next_id = 0
+        self._deliveries = PendingCommands(factory.clock, factory.ack_timeout, factory.hub.stats)
+        self._text_waiting: list[tuple[defer.Deferred[Any], IDelayedCall]] = []
         self._timer: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
         self._got_line = False
@@ -347,8 +197,7 @@ class LineLinkProtocol(Protocol):
         self._now = 0.0
         self._gated = factory.tokens is not None
         self._commands = factory.hub.commands
-        self._wait_batch: Any = None
-        self._wait_acks: list[tuple[int, bytes]] | None = None
+        self._acks: CommitAcks[tuple[int, bytes]] = CommitAcks(self._acks_committed, self._acks_failed)
 
     # -- connection lifecycle --
 
@@ -400,11 +249,13 @@ class LineLinkProtocol(Protocol):
             self._subscriber = None
         if self.queue is not None:
             self.queue.close()
-        deliveries, self._deliveries = self._deliveries, {}
-        for entry in deliveries.values():
-            if entry.timer.active():
-                entry.timer.cancel()
-            entry.deferred.errback(HubError("device_offline", f"device {self.device_id} disconnected"))
+        gone = HubError("device_offline", f"device {self.device_id} disconnected")
+        self._deliveries.fail_all(gone)
+        waiting, self._text_waiting = self._text_waiting, []
+        for d, timer in waiting:
+            if timer.active():
+                timer.cancel()
+            d.errback(gone)
         if self.device is not None:
             self.hub.disconnect(self, self.device_id)
             self.device = None
@@ -481,12 +332,12 @@ class LineLinkProtocol(Protocol):
             if data is not None:
                 self._send(data)
             return
-        slot = _Slot()
+        slot = dialects.Slot()
         slot.data, slot.done = data, True
         self._slots.append(slot)
 
-    def _reply_later(self) -> _Slot:
-        slot = _Slot()
+    def _reply_later(self) -> dialects.Slot:
+        slot = dialects.Slot()
         self._slots.append(slot)
         return slot
 
@@ -495,7 +346,7 @@ class LineLinkProtocol(Protocol):
         self._inflight -= 1
         self._last_rx = self.clock.seconds()
 
-    def _fill(self, slot: _Slot, data: bytes | None) -> None:
+    def _fill(self, slot: dialects.Slot, data: bytes | None) -> None:
         slot.data, slot.done = data, True
         self._last_rx = self.clock.seconds()
         slots = self._slots
@@ -565,13 +416,13 @@ class LineLinkProtocol(Protocol):
             elif mtype is not None or "type" in obj:
                 self._envelope(obj, mtype, line)
             elif "endpoint" in obj:
-                self._witch_endpoint(obj["endpoint"], obj.get("data"))
+                dialects.witch_endpoint(self, obj["endpoint"], obj.get("data"))
             elif "protocol_name" in obj:
-                self._witch_endpoint(obj["protocol_name"], obj.get("data"))
+                dialects.witch_endpoint(self, obj["protocol_name"], obj.get("data"))
             elif "request" in obj:
-                self._witch_request(obj)
+                dialects.witch_request(self, obj)
             else:
-                self._labauto("json", obj, line)
+                dialects.labauto(self, "json", obj, line)
             return
         try:
             text = line.decode("utf-8")
@@ -581,14 +432,14 @@ class LineLinkProtocol(Protocol):
         if self._gated:
             self._fatal("unauthorized", "say hello with a token first")
         else:
-            self._labauto("text", text, line)
+            dialects.labauto(self, "text", text, line)
 
     # -- dialect 1: robonet envelope --
 
     def _envelope(self, obj: dict[str, Any], mtype: Any, line: bytes) -> None:
         self.dialect = "robonet"
         mid = obj.get("id")
-        if mid is not None and (mid.__class__ is not int or not 0 <= mid <= MAX_ID):
+        if mid is not None and not env.valid_id(mid):
             self._error("bad_frame", "id must be an integer 0..2^53")
             return
         if mtype.__class__ is not str or not mtype:
@@ -626,56 +477,38 @@ class LineLinkProtocol(Protocol):
         if self.helloed:
             self._error("bad_hello", "hello already received", mid)
             return
-        proto = obj.get("proto", PROTO)
-        if proto != PROTO:
-            self._fatal("proto_unsupported", f"proto {proto!r} not supported (this hub speaks {PROTO})", mid)
-            return
-        role = obj.get("role", "client")
-        if role not in ("robot", "client"):
-            self._fatal("bad_hello", "role must be robot or client (peers use the bot link)", mid)
-            return
-        device_id = obj.get("device_id")
-        if device_id is None:
-            device_id = self.device_id
-        elif (
-            not isinstance(device_id, str)
-            or not 0 < len(device_id) <= MAX_DEVICE_ID
-            or not device_id.isprintable()
-            or device_id != device_id.strip()
-        ):
-            self._fatal("bad_hello", f"device_id must be 1..{MAX_DEVICE_ID} printable characters", mid)
-            return
-        name = obj.get("name", "")
-        if not isinstance(name, str):
-            name = ""
-        tokens = self.factory.tokens
-        if tokens is not None:
-            token = obj.get("token")
-            granted = tokens.get(token) if isinstance(token, str) else None
-            if granted is None or (granted not in ANY_ROLE and granted != role):
+        try:
+            hello = env.parse_hello(obj, roles=("robot", "client"), tokens=self.factory.tokens)
+        except HubError as e:
+            if e.code == "auth_failed":
                 self.log.info("line {address}: hello refused (bad token)", address=self.address)
-                self._fatal("auth_failed", "invalid token for this role", mid)
-                return
+            elif e.code == "bad_hello" and obj.get("role") == "peer":
+                e = HubError("bad_hello", "role must be robot or client (peers use the bot link)")
+            self._fatal(e.code, e.message, mid)
+            return
+        role, name = hello.role, hello.name
+        device_id = hello.device_id if hello.device_id is not None else self.device_id
         if self.device is not None and device_id != self.device_id:
             self.hub.disconnect(self, self.device_id)
         self.device_id = device_id
         self.role = role
-        self.name = name[:MAX_DEVICE_ID]
+        self.name = name
+        self._deliveries.device_id = device_id
         self.helloed = True
         self._gated = False
         self.device = self.hub.connect(
             self, device_id, face=FACE, role=role, address=self.address, name=self.name, dialect="robonet/1"
         )
         node = self.hub.node
-        welcome: dict[str, Any] = {
-            "type": "welcome",
-            "proto": PROTO,
-            "session": str(uuid.uuid4()),
-            "server": {"id": node.node_id, "name": node.name, "version": node.version},
-            "heartbeat_s": self.factory.heartbeat_s,
-            "max_frame": self.factory.max_line,
-            "device_id": device_id,
-        }
+        welcome = env.welcome_obj(
+            session=str(uuid.uuid4()),
+            node_id=node.node_id,
+            node_name=node.name,
+            version=node.version,
+            heartbeat_s=self.factory.heartbeat_s,
+            max_frame=self.factory.max_line,
+            device_id=device_id,
+        )
         self._send(encode_line(welcome))
 
     def _ensure_device(self, dialect: str) -> Device:
@@ -688,27 +521,17 @@ class LineLinkProtocol(Protocol):
 
     def _ack_after(self, batch: Any, mid: int, ack: bytes) -> None:
         """Ack only once the store committed ``batch``; one waiter per batch, acks written together."""
-        if batch is self._wait_batch and self._wait_acks is not None:
-            self._wait_acks.append((mid, ack))
-            return
-        self._wait_batch = batch
-        self._wait_acks = acks = [(mid, ack)]
-        self._inflight += 1
-        batch.when_committed(self._acks_committed, self._acks_failed, acks, self._now)
-
-    def _release_batch(self, acks: list[tuple[int, bytes]]) -> None:
-        self._settled()
-        if self._wait_acks is acks:
-            self._wait_batch = self._wait_acks = None
+        if self._acks.add(batch, (mid, ack), self._now):
+            self._inflight += 1
 
     def _acks_committed(self, acks: list[tuple[int, bytes]], received: float) -> None:
-        self._release_batch(acks)
+        self._settled()
         if not self.closing:
             self.hub.stats.ack_delay.add(self.hub.now() - received)
             self._send(b"".join([ack for _, ack in acks]))
 
     def _acks_failed(self, failure: Failure, acks: list[tuple[int, bytes]], received: float) -> None:
-        self._release_batch(acks)
+        self._settled()
         self.log.warn(
             "store commit failed; {n} messages from {device_id} not acked",
             n=len(acks),
@@ -721,50 +544,32 @@ class LineLinkProtocol(Protocol):
     def _request(self, obj: dict[str, Any], mid: int | None, line: bytes) -> None:
         endpoint = obj.get("endpoint")
         if not isinstance(endpoint, str):
-            self._send(
-                encode_line(
-                    {
-                        "type": "response",
-                        "id": mid,
-                        "status": "error",
-                        "code": "unknown_endpoint",
-                        "message": f"Unknown endpoint: {endpoint}",
-                    }
-                )
-            )
             self.hub.stats.error("unknown_endpoint")
+            self._send(
+                encode_line(env.response_error_obj(mid, "unknown_endpoint", f"Unknown endpoint: {endpoint}"))
+            )
             return
         self._inflight += 1
 
         def ok(result: Any) -> None:
             self._settled()
-            try:
-                data = encode_line({"type": "response", "id": mid, "status": "success", "data": result})
-            except TypeError:
+            data, good = env.encode_response(mid, result, encode_line)
+            if not good:
                 self.hub.stats.error("internal")
-                data = encode_line(
-                    {
-                        "type": "response",
-                        "id": mid,
-                        "status": "error",
-                        "code": "internal",
-                        "message": f"endpoint {endpoint} returned a value that is not JSON",
-                    }
-                )
             self._send(data)
 
         def failed(f: Failure) -> None:
             self._settled()
-            code, message = _failure_code(f)
-            reply = {"type": "response", "id": mid, "status": "error", "code": code, "message": message}
-            self._send(encode_line(reply))
+            code, message = env.failure_code(f.value)
+            self._send(encode_line(env.response_error_obj(mid, code, message)))
 
         self.hub.request(endpoint, obj.get("data"), self.device_id).addCallbacks(ok, failed)
 
     def _command(self, obj: dict[str, Any], mid: int | None, line: bytes) -> None:
-        target = obj.get("device_id")
-        if target is not None and not isinstance(target, str):
-            self._error("bad_frame", "device_id must be a string", mid)
+        try:
+            target = env.command_target(obj)
+        except HubError as e:  # a malformed target is an error, never a broadcast
+            self._error(e.code, e.message, mid)
             return
         self._inflight += 1
         checksum = additive_sum(line) if mid is not None else 0
@@ -776,7 +581,7 @@ class LineLinkProtocol(Protocol):
 
         def failed(f: Failure) -> None:
             self._settled()
-            code, message = _failure_code(f)
+            code, message = env.failure_code(f.value)
             self.log.debug("line {address}: command failed: {code}", address=self.address, code=code)
             self._send(encode_error(code, message, mid))
 
@@ -784,41 +589,21 @@ class LineLinkProtocol(Protocol):
 
     def _on_ack(self, obj: dict[str, Any], mid: int | None, line: bytes) -> None:
         self.hub.stats.count_in("ack")
-        entry = self._deliveries.pop(mid, None) if mid is not None else None
-        if entry is None:
+        if not self._deliveries.on_ack(obj):
             self.log.debug("line {address}: ack for unknown id {id}", address=self.address, id=mid)
-            return
-        if entry.timer.active():
-            entry.timer.cancel()
-        checksum = obj.get("sum")
-        if checksum is not None and checksum != entry.checksum:
-            # As on the bot link: the robot did get a line with this id; count and log the mismatch.
-            self.hub.stats.error("bad_checksum")
-            self.log.info(
-                "line {device_id}: ack {id} sum {got!r} != {want}",
-                device_id=self.device_id,
-                id=mid,
-                got=checksum,
-                want=entry.checksum,
-            )
-        entry.deferred.callback(obj)
 
     def _on_error(self, obj: dict[str, Any], mid: int | None, line: bytes) -> None:
         """A device's error: with ``ref`` naming a command we sent, that delivery fails with it."""
         self.hub.stats.count_in("error")
-        ref = obj.get("ref")
-        entry = self._deliveries.pop(ref, None) if isinstance(ref, int) else None
-        code = obj.get("code")
-        code = code if isinstance(code, str) and code else "internal"
-        message = obj.get("message")
-        message = message if isinstance(message, str) else ""
+        known = self._deliveries.on_error(obj)
         # info only when it refuses one of our commands: unsolicited error lines could flood the log
-        emit = self.log.info if entry is not None else self.log.debug
-        emit("line {address}: device error {code}: {msg}", address=self.address, code=code, msg=message)
-        if entry is not None:
-            if entry.timer.active():
-                entry.timer.cancel()
-            entry.deferred.errback(HubError(code, message))
+        emit = self.log.info if known else self.log.debug
+        emit(
+            "line {address}: device error {code}: {msg}",
+            address=self.address,
+            code=obj.get("code"),
+            msg=obj.get("message"),
+        )
 
     def _subscribe(self, obj: dict[str, Any], mid: int | None, line: bytes) -> None:
         """Make this connection a fan-out subscriber (bounded queue, as dashboards)."""
@@ -866,121 +651,51 @@ class LineLinkProtocol(Protocol):
         """
         if self.closing:
             return defer.fail(HubError("device_offline", f"device {self.device_id} disconnected"))
-        self._next_id += 1
-        cid = self._next_id
+        if command.type == env.LINE_TEXT_COMMAND:
+            return self._deliver_text(command)
+        cid = self._deliveries.next_id()
         body = dict(command.body)
         body["id"] = cid
         payload = _dumps(body, option=_OPT)
-
-        def cancel(_: defer.Deferred[Any]) -> None:
-            entry = self._deliveries.pop(cid, None)
-            if entry is not None and entry.timer.active():
-                entry.timer.cancel()
-
-        d: defer.Deferred[Any] = defer.Deferred(cancel)
-        timer = self.clock.callLater(self.factory.ack_timeout, self._delivery_timeout, cid)
-        self._deliveries[cid] = _Delivery(d, timer, additive_sum(payload))
+        d = self._deliveries.add(cid, additive_sum(payload))
         self.hub.stats.count_out(command.type, len(payload) + 1)
         self._send(payload + b"\n")
         return d
 
-    def _delivery_timeout(self, cid: int) -> None:
-        entry = self._deliveries.pop(cid, None)
-        if entry is not None:
-            t = self.factory.ack_timeout
-            err = HubError("delivery_timeout", f"no ack from {self.device_id} within {t:g} s")
-            entry.deferred.errback(err)
+    def _deliver_text(self, command: Command) -> defer.Deferred[Any]:
+        """A ``line`` command: write its ``text`` as one bare line (LabAuto has no acks).
+
+        Done once written while the peer reads (the write buffer is not full); while it does not
+        read, done when it drains again, or ``delivery_timeout`` after ``botlink.ack_timeout`` s.
+        """
+        text = dialects.line_text(command.body)
+        data = (text + "\n").encode("utf-8")
+        self.hub.stats.count_out(command.type, len(data))
+        self._send(data)
+        if self._flow is None or not self._flow.paused:
+            return defer.succeed(None)
+        d: defer.Deferred[Any] = defer.Deferred()
+        timer = self.clock.callLater(self.factory.ack_timeout, self._text_timeout, d)
+        self._text_waiting.append((d, timer))
+        return d
+
+    def _text_timeout(self, d: defer.Deferred[Any]) -> None:
+        self._text_waiting = [(w, t) for w, t in self._text_waiting if w is not d]
+        t = self.factory.ack_timeout
+        d.errback(HubError("delivery_timeout", f"{self.device_id} did not read within {t:g} s"))
+
+    def drained(self) -> None:
+        """The peer reads again (flow resumed): text lines waiting for that are delivered."""
+        waiting, self._text_waiting = self._text_waiting, []
+        for d, timer in waiting:
+            if timer.active():
+                timer.cancel()
+            d.callback(None)
 
     def close_link(self, code: str, message: str) -> None:
         """Tell the device why (error line) and close (e.g. code ``replaced``)."""
         if not self.closing:
             self._fatal(code, message)
-
-    # -- dialect 2: witch-core --
-
-    def _witch_endpoint(self, name: Any, data: Any) -> None:
-        if not self.helloed:
-            self.dialect = "witch"
-        if not isinstance(name, str):
-            self.hub.stats.error("unknown_endpoint")
-            self._reply(encode_status_error(f"Unknown endpoint: {name}", self._ts()))
-            return
-        slot = self._reply_later()
-
-        def ok(result: Any) -> None:
-            ts = self._ts()
-            try:
-                line = encode_line({"status": "success", "data": result, "timestamp": ts})
-            except TypeError:
-                self.hub.stats.error("internal")
-                line = encode_status_error("Error processing endpoint: result is not JSON-serialisable", ts)
-            self._fill(slot, line)
-
-        def failed(f: Failure) -> None:
-            code, message = _failure_code(f)
-            ts = self._ts()
-            if code == "unknown_endpoint":
-                text = f"Unknown endpoint: {name}"
-            else:
-                text = f"Error processing endpoint: {message}"
-            self._fill(slot, encode_status_error(text, ts))
-
-        self.hub.request(name, data, self.device_id).addCallbacks(ok, failed)
-
-    def _witch_request(self, obj: dict[str, Any]) -> None:
-        if not self.helloed:
-            self.dialect = "witch"
-        self.hub.stats.count_in("request")
-        req = obj.get("request")
-        ts = self._ts()
-        if req == "ping":
-            reply: dict[str, Any] = {"status": "success", "pong": True, "server_time": ts, "timestamp": ts}
-        elif req == "echo":
-            reply = {"status": "success", "echo": obj.get("data", {}), "timestamp": ts}
-        elif req in ("status", "info"):
-            reply = {"status": "success", "data": self.factory.server_info(self), "timestamp": ts}
-        else:
-            self.hub.stats.error("unknown_request")
-            reply = {"status": "error", "message": f"Unknown request type: {req}", "timestamp": ts}
-        self._reply(encode_line(reply))
-
-    # -- dialect 3: LabAuto --
-
-    def _labauto(self, mtype: str, value: Any, line: bytes) -> None:
-        """Text or a plain JSON object: ingest (callbacks), then the ``text``/``json`` endpoint answers."""
-        if not self.dialect:
-            self.dialect = "labauto"
-        dev = self._ensure_device("labauto")
-        if mtype == "text":
-            body: dict[str, Any] = {"type": "text", "text": value}
-            msg = Message("text", body, self.device_id, self._now)
-        else:
-            msg = Message("json", value, self.device_id, self._now, None, line)
-        self.hub.ingest(dev, msg)
-        if not self.factory.has_endpoint(mtype):
-            if mtype == "text":
-                builtin = self.factory.text_replies.get(value)
-                if builtin is not None:
-                    self._reply(encode_answer(builtin))
-            return
-        slot = self._reply_later()
-
-        def ok(result: Any) -> None:
-            try:
-                line = encode_answer(result)
-            except TypeError:
-                self.hub.stats.error("internal")
-                line = encode_status_error(
-                    "Error processing endpoint: result is not JSON-serialisable", self._ts()
-                )
-            self._fill(slot, line)
-
-        def failed(f: Failure) -> None:
-            _code, message = _failure_code(f)
-            ts = self._ts()
-            self._fill(slot, encode_status_error(f"Error processing endpoint: {message}", ts))
-
-        self.hub.request(mtype, value, self.device_id).addCallbacks(ok, failed)
 
 
 _SPECIAL: dict[str, Callable[[LineLinkProtocol, dict[str, Any], int | None, bytes], None]] = {
@@ -1036,7 +751,7 @@ class LineLinkFactory(ServerFactory):
         self.connections: set[LineLinkProtocol] = set()
         self._iso_at = -1.0
         self._iso = ""
-        self._per_ip: dict[str, int] = {}
+        self.limiter = PerAddressLimiter(bot.max_per_ip)
 
     def iso(self, t: float) -> str:
         """:func:`robonet.model.iso_utc`, memoised for the last time asked (replies of one read)."""
@@ -1049,36 +764,25 @@ class LineLinkFactory(ServerFactory):
         """A fresh :class:`LineLinkProtocol` for each connection."""
         return LineLinkProtocol(self)
 
-    @property
-    def client_count(self) -> int:
-        """Open, admitted line-link connections."""
-        return len(self.connections)
-
     def admit(self, proto: LineLinkProtocol) -> bytes | None:
         """Count ``proto`` in, or return the one line to refuse it with (server full / per-IP cap)."""
         if len(self.connections) >= self.max_clients:
             self.hub.stats.error("server_full")
             self.log.info("line: refused {address}: server full", address=proto.address)
             return SERVER_FULL
-        n = self._per_ip.get(proto.ip, 0)
-        if n >= self.max_per_ip:
+        if not self.limiter.acquire(proto.ip):
             self.hub.stats.error("rate_limited")
             self.log.info("line: refused {address}: too many connections from it", address=proto.address)
             return encode_status_error(
                 "too many connections from this address", iso_utc(self.hub.now()), "rate_limited"
             )
-        self._per_ip[proto.ip] = n + 1
         self.connections.add(proto)
         return None
 
     def release(self, proto: LineLinkProtocol) -> None:
         """Count ``proto`` out (connection lost)."""
         self.connections.discard(proto)
-        n = self._per_ip.get(proto.ip, 0) - 1
-        if n > 0:
-            self._per_ip[proto.ip] = n
-        else:
-            self._per_ip.pop(proto.ip, None)
+        self.limiter.release(proto.ip)
 
     def has_endpoint(self, name: str) -> bool:
         """Whether the hub serves endpoint ``name``."""
