@@ -43,7 +43,7 @@ from robonet.registry import Device, Registry
 from robonet.stats import Stats
 
 if TYPE_CHECKING:
-    from robonet.interfaces import PeerAcceptor, PeerDirectory, PeerService
+    from robonet.interfaces import Batch, PeerAcceptor, PeerDirectory, PeerService, Store
     from robonet.model import Link
 
 Callback = Callable[[Message, Device], object]
@@ -89,7 +89,7 @@ class Hub(Service):
         self,
         config: Config,
         clock: IReactorTime,
-        store: Any = None,
+        store: Store | None = None,
         node: NodeIdentity | None = None,
     ) -> None:
         self.config = config
@@ -313,7 +313,7 @@ class Hub(Service):
 
     # -- data --
 
-    def ingest(self, device: Device, msg: Message, identity: Any = None) -> Any:
+    def ingest(self, device: Device, msg: Message, identity: Any = None) -> Batch | None:
         """Take one data message from ``device``: the hot path, O(1) per subscriber.
 
         Updates the device's latest values, counts it, runs the type's callbacks, appends it to the
@@ -346,7 +346,7 @@ class Hub(Service):
                 except Exception:
                     self.stats.error("internal")
                     self.log.failure("callback for {mtype} failed", mtype=mtype)
-        batch = None
+        batch: Batch | None = None
         if self.store is not None and mtype not in BULK_DATA_TYPES:
             try:
                 batch = self.store.append(device.device_id, mtype, at, body, msg.raw)

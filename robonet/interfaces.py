@@ -11,6 +11,7 @@ against the concrete classes, so a test can hand it a fake and mypy checks both:
 - :class:`PeerAcceptor` / :class:`PeerSession`: who takes over an inbound bot link connection whose
   hello says ``role: "peer"`` (the PeerService), and what the bot link then feeds;
 - :class:`PeerDirectory`: what the hub delegates to the PeerService (peer_list, peer messages);
+- :class:`PeerHub`: what the PeerService uses of the hub (a FaceHub that it can attach to);
 - :class:`PeerChannel`: what a peer link needs of a connection (write a frame, close with an error).
 
 Nothing here imports Twisted's reactor or does I/O; the module only declares shapes.
@@ -220,3 +221,13 @@ class FaceHub(Protocol):
 
     def unsubscribe(self, sub: Subscriber) -> None:
         """Stop offering events to ``sub``."""
+
+
+class PeerHub(FaceHub, Protocol):
+    """What the federation service uses of the hub: a face's view plus attaching itself."""
+
+    def attach_peers(self, service: PeerService) -> None:
+        """Delegate peer_list/peer messages to ``service``; its ``acceptor`` takes peer hellos."""
+
+    def detach_peers(self, service: PeerService) -> None:
+        """Undo :meth:`attach_peers` if ``service`` is still the attached one."""

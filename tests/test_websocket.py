@@ -1179,17 +1179,32 @@ class SeamRegressionTests(unittest.SynchronousTestCase):
         self.assertEqual(relay.hub.registry.get("robot_01").status, "offline")  # type: ignore[union-attr]
 
     def test_clock_timer(self) -> None:
-        """ClockTimer.call_later runs on the given clock; cancel() is safe before and after it ran."""
+        """ClockTimer runs calls on the given clock, batched per 200 ms window (one reactor timer),
+        never early and at most a window late; cancel() is safe before and after; a window whose
+        calls are all cancelled leaves no reactor timer; a failing call does not stop the others."""
         clock = MemoryReactorClock()
         calls: list[int] = []
         timer = ws.ClockTimer(clock)
         done = timer.call_later(2.0, calls.append, 1)
-        dropped = timer.call_later(2.0, calls.append, 2)
+        dropped = timer.call_later(1.95, calls.append, 2)
+        timer.call_later(1.9, lambda: 1 / 0)
+        timer.call_later(1.85, calls.append, 3)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
         dropped.cancel()
-        clock.advance(2.0)
-        self.assertEqual(calls, [1])
+        clock.advance(1.85)
+        self.assertEqual(calls, [])  # never early
+        clock.advance(0.15)
+        self.assertEqual(sorted(calls), [1, 3])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         done.cancel()
         dropped.cancel()
+        gone = [timer.call_later(5.0, calls.append, 9) for _ in range(3)]
+        self.assertEqual((len(clock.getDelayedCalls()), timer.pending()), (1, 3))
+        for call in gone:
+            call.cancel()
+        self.assertEqual((clock.getDelayedCalls(), timer.pending()), ([], 0))
+        clock.advance(10)
+        self.assertEqual(sorted(calls), [1, 3])
 
     def test_use_clock_fails_loudly(self) -> None:
         """If Autobahn stops providing the timer attribute, use_clock raises instead of leaving

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 
 import robonet
 
@@ -38,17 +39,45 @@ def deflate_accept(max_message: int) -> Callable[[list[Any]], PerMessageDeflateO
     return accept
 
 
+class _Bucket:
+    """The calls of one ClockTimer window and the one reactor timer that runs them."""
+
+    __slots__ = ("owner", "due", "delayed", "calls", "live")
+
+    def __init__(self, owner: dict[int, _Bucket], due: int) -> None:
+        self.owner = owner
+        self.due = due
+        self.delayed: IDelayedCall | None = None
+        self.calls: list[_TimerCall] = []
+        self.live = 0
+
+
 class _TimerCall:
-    """The handle :meth:`ClockTimer.call_later` returns: ``cancel()`` is safe after it fired."""
+    """One call waiting in a :class:`ClockTimer` window; ``cancel()`` is safe after it ran."""
 
-    __slots__ = ("_call",)
+    __slots__ = ("func", "args", "kwargs", "bucket")
 
-    def __init__(self, call: IDelayedCall) -> None:
-        self._call = call
+    def __init__(
+        self, func: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any], bucket: _Bucket
+    ) -> None:
+        self.func: Callable[..., object] | None = func
+        self.args = args
+        self.kwargs = kwargs
+        self.bucket = bucket
 
     def cancel(self) -> None:
-        if self._call.active():
-            self._call.cancel()
+        """Do not run; the window's reactor timer is cancelled with its last live call."""
+        if self.func is None:
+            return
+        self.func = None
+        bucket = self.bucket
+        bucket.live -= 1
+        if bucket.live == 0:  # nothing left to run in that window: drop it and its reactor timer
+            if bucket.owner.get(bucket.due) is bucket:
+                del bucket.owner[bucket.due]
+            if bucket.delayed is not None and bucket.delayed.active():
+                bucket.delayed.cancel()
+            bucket.delayed = None
 
 
 class ClockTimer:
@@ -57,16 +86,52 @@ class ClockTimer:
     Autobahn starts its opening/closing-handshake and auto-ping timers through its factory's
     ``_batched_timer``, which it builds from txaio's global loop (the global reactor). Autobahn
     has no public hook for this: :func:`use_clock` is the one place robonet replaces it.
+
+    Like txaio's own timer it batches: calls due within the same ``bucket_ms`` window share one
+    ``clock.callLater`` (10,000 idle connections keep a handful of reactor timers, not 10,000).
+    A call runs at the end of its window, so at most ``bucket_ms`` late and never early; a window
+    whose calls were all cancelled leaves no reactor timer behind.
     """
 
-    __slots__ = ("clock",)
+    __slots__ = ("clock", "bucket_ms", "_buckets")
+    log = Logger()
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, bucket_ms: int = 200) -> None:
         self.clock = clock
+        self.bucket_ms = bucket_ms
+        self._buckets: dict[int, _Bucket] = {}
 
     def call_later(self, delay: float, func: Callable[..., object], *args: Any, **kwargs: Any) -> _TimerCall:
         """Call ``func(*args, **kwargs)`` after ``delay`` seconds of the injected clock."""
-        return _TimerCall(self.clock.callLater(delay, func, *args, **kwargs))
+        now = self.clock.seconds()
+        due = -(-round((now + delay) * 1000) // self.bucket_ms) * self.bucket_ms  # window end, ms
+        bucket = self._buckets.get(due)
+        if bucket is None:
+            bucket = self._buckets[due] = _Bucket(self._buckets, due)
+            bucket.delayed = self.clock.callLater(max(0.0, due / 1000 - now), self._fire, due)
+        call = _TimerCall(func, args, kwargs, bucket)
+        bucket.calls.append(call)
+        bucket.live += 1
+        return call
+
+    def pending(self) -> int:
+        """Calls waiting to run (not cancelled)."""
+        return sum(b.live for b in self._buckets.values())
+
+    def _fire(self, due: int) -> None:
+        bucket = self._buckets.pop(due, None)
+        if bucket is None:
+            return
+        bucket.delayed = None
+        bucket.live = 0
+        for call in bucket.calls:
+            func, call.func = call.func, None
+            if func is None:
+                continue
+            try:
+                func(*call.args, **call.kwargs)
+            except Exception:  # one failing timer must not stop the others in its window
+                self.log.failure("WebSocket timer failed")
 
 
 def use_clock(factory: WebSocketServerFactory, clock: IReactorTime) -> None:

@@ -46,8 +46,7 @@ from robonet.protocols.peering import HEARTBEAT_S, PeerInfo
 
 if TYPE_CHECKING:
     from robonet.config import Config
-    from robonet.hub import Hub
-    from robonet.interfaces import PeerChannel
+    from robonet.interfaces import PeerChannel, PeerHub
     from robonet.node import NodeIdentity
 
 CLOSE_GRACE_S = 5.0
@@ -58,7 +57,7 @@ class LinkOwner(Protocol):
     """The federation service as links and peer connections see it (PeerService implements it)."""
 
     config: Config
-    hub: Hub
+    hub: PeerHub
     node: NodeIdentity
     reactor: Any  # IReactorTime (+ IReactorTCP for the diallers)
     links: dict[str, PeerLink]

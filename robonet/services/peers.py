@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
 from robonet.config import Config
-from robonet.hub import Hub
+from robonet.interfaces import PeerHub
 from robonet.model import BULK_DATA_TYPES, Event, Priority
 from robonet.node import NodeIdentity
 from robonet.protocols.botlink import encode_obj
@@ -76,7 +76,7 @@ class PeerService(Service):
     def __init__(
         self,
         config: Config,
-        hub: Hub,
+        hub: PeerHub,
         node: NodeIdentity,
         reactor: Any,
         *,
