@@ -40,6 +40,7 @@ from robonet.services.camera_pipeline import (
     output_format_for,
 )
 from robonet.services.camera_web import camera_resources
+from robonet.testing import require
 
 FFMPEG = shutil.which("ffmpeg")
 FFPROBE = shutil.which("ffprobe")
@@ -531,8 +532,7 @@ class EndToEndTests(TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        if FFMPEG is None or FFPROBE is None:
-            self.skipTest("ffmpeg/ffprobe not installed")
+        require(FFMPEG and FFPROBE, "ffmpeg/ffprobe not installed (apt-get install ffmpeg)")
         self.dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.dir, True)
 
