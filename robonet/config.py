@@ -189,6 +189,14 @@ def _key(default: Any, check: Checker, doc: str = "") -> Any:
 
 @attrs.frozen
 class HubConfig:
+    """``[hub]``: who this hub is and where it keeps state (etc/robonet.toml documents every key).
+
+    ``name`` is shown to peers and dashboards (empty: the host name); ``project_id`` groups hubs
+    that federate; ``state_dir`` holds the node id, the SQLite history and the camera files
+    (empty: ``$STATE_DIRECTORY``, else ``$XDG_STATE_HOME/robonet``); ``commands`` lists the
+    message types dashboards, clients and peers may send to robots.
+    """
+
     name: str = _key("", _str, "hub name shown to peers and dashboards (default: host name)")
     project_id: str = _key("default", _str)
     state_dir: str = _key("", _str)
@@ -197,6 +205,15 @@ class HubConfig:
 
 @attrs.frozen
 class BotlinkConfig:
+    """``[botlink]``: the robonet/1 bot link and legacy Cartobot dialect (spec/botlink.md, docs/botlink.rst).
+
+    ``listen``: endpoint strings (empty list: face off). Limits: ``max_frame`` / ``max_hello_frame``
+    bytes per frame after / before hello, ``hello_timeout`` and ``idle_timeout`` seconds,
+    ``ack_timeout`` seconds for a robot to ack a command, ``max_per_ip`` concurrent connections
+    per client address. Legacy: ``legacy_poll_wait`` seconds an instruction poll is held,
+    ``legacy_queue`` instructions queued per bot, ``legacy_names`` IP -> device id.
+    """
+
     listen: tuple[str, ...] = _key(("tcp:5100",), _listen)
     max_frame: int = _key(1048576, _POS_INT)
     idle_timeout: float = _key(30.0, _POS_NUM)
@@ -211,6 +228,13 @@ class BotlinkConfig:
 
 @attrs.frozen
 class LineConfig:
+    """``[line]``: the newline-delimited JSON/text line link (spec/linelink.md, docs/linelink.rst).
+
+    ``listen``: endpoint strings (empty list: face off); ``max_line`` bytes per line;
+    ``max_clients`` concurrent connections; ``idle_timeout`` seconds without a complete line;
+    ``text_replies``: LabAuto text lines answered while no ``text`` endpoint is registered.
+    """
+
     listen: tuple[str, ...] = _key(("tcp:5555",), _listen)
     max_line: int = _key(65536, _POS_INT)
     max_clients: int = _key(256, _POS_INT)
@@ -224,6 +248,18 @@ class LineConfig:
 
 @attrs.frozen
 class CameraConfig:
+    """``[camera]``: the ES_Stream_MTX-compatible camera face and its pipeline (spec/camera.md,
+    docs/camera.rst).
+
+    Ports: ``data_listen`` / ``settings_listen`` / ``auth_listen`` (``none`` disables one),
+    ``max_per_ip`` connections per client IP on each, ``packet_timeout`` and ``slow_timeout``
+    seconds. Auth: ``password`` (empty: generated into ``<state_dir>/camera_password``),
+    ``require_auth``, ``auth_ttl`` seconds, ``auth_max_failures``. Data: ``rate_hz``,
+    ``data_source``. Pipeline (:mod:`robonet.services.camera_pipeline`): ``pipeline``
+    off/test/libcamera, the argv templates, ``rtsp_url``, ``output_format``, ``preview_fps``,
+    ``stall_timeout`` seconds without a frame before a restart.
+    """
+
     enabled: bool = _key(True, _bool)
     data_listen: str = _key("tcp:5000", _one_listen)
     settings_listen: str = _key("tcp:5001", _one_listen)
@@ -372,6 +408,15 @@ class CameraConfig:
 
 @attrs.frozen
 class WebConfig:
+    """``[web]``: dashboard, REST API, ``/ws/telemetry/`` and ``/metrics`` (spec/websocket.md,
+    docs/web.rst).
+
+    ``listen``: endpoint strings (empty list: face off); ``allowed_origins`` (empty: same host
+    only); ``max_queue_bytes`` per dashboard send queue and ``slow_timeout`` seconds over it before
+    the dashboard is closed; ``max_message`` bytes per WebSocket message; ``header_timeout``
+    absolute seconds for an HTTP request's headers; ``echo`` serves ``/ws/echo`` for fuzzing.
+    """
+
     listen: tuple[str, ...] = _key(("tcp:8000",), _listen)
     allowed_origins: tuple[str, ...] = _key((), _str_list)
     max_queue_bytes: int = _key(1048576, _POS_INT)
@@ -383,6 +428,12 @@ class WebConfig:
 
 @attrs.frozen
 class StoreConfig:
+    """``[store]``: the telemetry history (SQLite). Acks wait for its COMMIT.
+
+    ``path`` (empty: ``<state_dir>/telemetry.sqlite3``), ``retention_days`` and ``max_rows``
+    (0: unbounded), ``synchronous`` normal (survives a process crash) or full (a power cut).
+    """
+
     enabled: bool = _key(True, _bool)
     path: str = _key("", _str)
     retention_days: float = _key(30.0, _NONNEG_NUM)
@@ -392,6 +443,12 @@ class StoreConfig:
 
 @attrs.frozen
 class DiscoveryConfig:
+    """``[discovery]``: UDP broadcast announcements and mDNS (spec/discovery-peers.md).
+
+    ``port`` UDP port, ``interval`` seconds between announcements, ``broadcast_addresses``
+    (empty: every interface), ``mdns`` also advertises ``_robonet._tcp.local.``.
+    """
+
     enabled: bool = _key(True, _bool)
     port: int = _key(8890, _PORT)
     interval: float = _key(5.0, _POS_NUM)
@@ -463,11 +520,18 @@ class TlsConfig:
 
 @attrs.frozen
 class TeleopConfig:
+    """``[teleop]``: ``deadman_ms``: a moving robot that gets no motion command (robot_move,
+    camera_move) for this long is sent a stop (0: off; a dashboard that goes away always stops the
+    robots it was driving)."""
+
     deadman_ms: int = _key(500, _NONNEG_INT, "ms without a repeated motion command before a stop; 0: off")
 
 
 @attrs.frozen
 class LogConfig:
+    """``[log]``: ``level`` (debug, info, warn, error, critical) and ``json_file`` (a JSON-lines
+    log file next to the text log; empty: none)."""
+
     level: str = _key("info", _choice(*LOG_LEVELS, "warning"))
     json_file: str = _key("", _str)
 

@@ -20,7 +20,6 @@ Observer = Callable[[str, "Device"], None]
 
 ONLINE = "online"
 OFFLINE = "offline"
-UNREACHABLE = "unreachable"
 
 
 @attrs.define(slots=True, eq=False)

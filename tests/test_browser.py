@@ -33,7 +33,9 @@ from typing import Any
 
 from twisted.internet import defer, protocol, task, threads
 from twisted.protocols.basic import Int32StringReceiver
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from robonet.testing import require
 
 try:
     from playwright.sync_api import Browser, Page, Route, WebSocketRoute, sync_playwright
@@ -68,14 +70,15 @@ WebSocket.prototype.send = function (data) {
 
 
 def _require_browser() -> None:
-    if sync_playwright is None:
-        raise SkipTest(
-            "playwright (python) is not installed: pip install playwright (never run 'playwright install')"
-        )
-    if not os.access(CHROMIUM, os.X_OK):
-        raise SkipTest(
-            f"no Chromium at {CHROMIUM} (apt-get install chromium); these tests never download a browser"
-        )
+    """Skip without playwright or Chromium; fail instead under REQUIRE_ALL_TESTS=1 (.ci/run)."""
+    require(
+        sync_playwright is not None,
+        "playwright (python) is not installed: pip install playwright (never run 'playwright install')",
+    )
+    require(
+        os.access(CHROMIUM, os.X_OK),
+        f"no Chromium at {CHROMIUM} (apt-get install chromium); these tests never download a browser",
+    )
 
 
 def _in_browser_thread(fn: Callable[[Browser], Any]) -> Any:
@@ -897,13 +900,9 @@ class DaemonTests(TestCase):
         """A robot on the bot link appears as a card with its live battery value; dragging the
         robot joystick with the robot selected delivers robot_move {x, y, ...} to the robot, and
         release delivers {x: 0, y: 0}."""
-        try:
-            from tests.daemon import start_daemon
-        except ImportError as exc:
-            raise SkipTest(
-                f"tests/daemon.py (the lead's start_daemon helper) is not available: {exc}"
-            ) from exc
         from twisted.internet import reactor
+
+        from tests.daemon import start_daemon  # part of the suite: an ImportError is a failure
 
         daemon = start_daemon(self)  # blocks until the ports listen; stopped at cleanup
         robot = _Robot("robot_07", reactor)

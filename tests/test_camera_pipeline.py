@@ -40,6 +40,7 @@ from robonet.services.camera_pipeline import (
     output_format_for,
 )
 from robonet.services.camera_web import camera_resources
+from robonet.testing import require
 
 FFMPEG = shutil.which("ffmpeg")
 FFPROBE = shutil.which("ffprobe")
@@ -246,6 +247,37 @@ class SupervisorTests(SynchronousTestCase):
         r.advance(1.0)
         self.assertEqual(len(r.live()), 1)
         self.assertIn("exited with code 1", p.last_error)
+
+    def test_retry_policy_injected(self) -> None:
+        """Restart delays come from retry_policy(attempt): attempts 0, 1, 2, ... and back to 0
+        after a stable run; the default is backoffPolicy (1 s doubling to 60 s, no jitter)."""
+        reactor = FakeProcessReactor()
+        attempts: list[int] = []
+
+        def policy(attempt: int) -> float:
+            attempts.append(attempt)
+            return 3.0
+
+        p = CameraPipeline(
+            camera_config(pipeline="test", rtsp_url="/tmp/x.ts"),
+            reactor,
+            CameraSettings,
+            which=lambda name: "/usr/bin/" + name,
+            retry_policy=policy,
+        )
+        p.startService()
+        for _ in range(3):
+            reactor.procs[-1].end(1)
+            n = len(reactor.procs)
+            reactor.advance(2.9)
+            self.assertEqual(len(reactor.procs), n)
+            reactor.advance(0.1)
+            self.assertEqual(len(reactor.procs), n + 1)
+        reactor.advance(p.stable_after)
+        reactor.procs[-1].end(1)
+        self.assertEqual(attempts, [0, 1, 2, 0])
+        default, _, _ = self.make()
+        self.assertEqual([default.retry_policy(a) for a in (0, 1, 5, 6, 20)], [1.0, 2.0, 32.0, 60.0, 60.0])
 
     def test_stall(self) -> None:
         """No new frames for stall_timeout -> stalled, SIGTERM, SIGKILL after the grace period, then
@@ -531,8 +563,7 @@ class EndToEndTests(TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        if FFMPEG is None or FFPROBE is None:
-            self.skipTest("ffmpeg/ffprobe not installed")
+        require(FFMPEG and FFPROBE, "ffmpeg/ffprobe not installed (apt-get install ffmpeg)")
         self.dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.dir, True)
 

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from twisted.trial.unittest import SynchronousTestCase
 
+from robonet.client import BotClient
 from robonet.protocols.botlink import FrameDecoder, encode_frame
 from tests.daemon import Daemon, start_daemon
 
@@ -204,10 +205,6 @@ class DaemonTests(SynchronousTestCase):
     def test_botclient(self) -> None:
         """The blocking BotClient library against the real daemon: telemetry acked, command round trip,
         request, and the legacy mode (8-byte ACK checked by the client, instruction pull)."""
-        try:
-            from robonet.client import BotClient
-        except ImportError:
-            self.skipTest("robonet.client is not importable yet")
         d = start_daemon(self, faces=("botlink",), store=False, env={"ROBONET_BOTLINK_LEGACY_POLL_WAIT": "1"})
         port = d.ports["botlink"]
         got: list[dict[str, Any]] = []

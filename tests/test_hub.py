@@ -14,33 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from robonet.config import load_config
 from robonet.hub import Hub
-from robonet.model import Command, Event, HubError, Message, Priority
-from tests.test_botlink import FakeStore
-
-
-class FakeLink:
-    """A model.Link: records commands; ``mode`` None (done at once), "deferred" or an exception to raise."""
-
-    face = "test"
-
-    def __init__(self, mode: Any = "deferred") -> None:
-        self.mode = mode
-        self.commands: list[Command] = []
-        self.pending: list[defer.Deferred[Any]] = []
-        self.closed: list[str] = []
-
-    def deliver(self, command: Command) -> defer.Deferred[Any] | None:
-        if isinstance(self.mode, Exception):
-            raise self.mode
-        self.commands.append(command)
-        if self.mode is None:
-            return None
-        d: defer.Deferred[Any] = defer.Deferred()
-        self.pending.append(d)
-        return d
-
-    def close_link(self, code: str, message: str) -> None:
-        self.closed.append(code)
+from robonet.model import Event, HubError, Message, Priority
+from robonet.testing import FakeLink, FakeStore
 
 
 class Recorder:
@@ -87,8 +62,8 @@ class ConnectTests(HubTestCase):
         """Connecting a device id again closes the older link with code replaced (and counts it)."""
         old = self.robot("r1")
         new = self.robot("r1")
-        self.assertEqual(old.closed, ["replaced"])
-        self.assertEqual(new.closed, [])
+        self.assertEqual(old.closed_codes, ["replaced"])
+        self.assertEqual(new.closed_codes, [])
         self.assertEqual(self.hub.stats.errors["replaced"], 1)
 
     def test_disconnect_only_current(self) -> None:

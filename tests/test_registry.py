@@ -7,21 +7,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from robonet.registry import Device, Registry
-
-
-class FakeLink:
-    """A model.Link that records close_link calls."""
-
-    face = "botlink"
-
-    def __init__(self) -> None:
-        self.closed: list[tuple[str, str]] = []
-
-    def deliver(self, command: Any) -> None:
-        return None
-
-    def close_link(self, code: str, message: str) -> None:
-        self.closed.append((code, message))
+from robonet.testing import FakeLink
 
 
 class RegistryTests(SynchronousTestCase):

@@ -115,9 +115,7 @@ async def run_load(port: int, pid: int, duration: float) -> dict[str, Any]:
     while loop.time() - start < duration:
         for _ in range(BURST):
             sent += 1
-            await robot.send(
-                json.dumps({"type": "sensor_data", "seq": sent, "t": time.time(), "pad": PAD})
-            )
+            await robot.send(json.dumps({"type": "sensor_data", "seq": sent, "t": time.time(), "pad": PAD}))
         tick += 1
         delay = start + tick * BURST / RATE - loop.time()
         if delay > 0:
