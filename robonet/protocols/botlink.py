@@ -526,8 +526,13 @@ class BotLinkProtocol(Protocol):
         self._release_batch(acks)
         if self.closing:
             return
+        # The store's own code when it gives one (store_unavailable: over store.max_pending_rows).
+        err = failure.value
+        code, text = ("internal", "message could not be stored")
+        if isinstance(err, HubError):
+            code, text = err.code, err.message
         for mid, _ in acks:
-            self._error("internal", "message could not be stored", mid)
+            self._error(code, text, mid)
 
     def _take_pending(self, ref: Any) -> defer.Deferred[Any] | None:
         """The Deferred of our command ``ref`` (its ack timer stopped), or None if unknown."""

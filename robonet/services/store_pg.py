@@ -1,8 +1,9 @@
 """The PostgreSQL backend of the telemetry store (issue 9): several hubs share one database.
 
 Same contract as the SQLite store (:class:`robonet.services.store.GroupCommitStore`): group commit on
-one writer thread with its own psycopg 3 connection (sync API), one multi-row ``INSERT ... SELECT
-FROM unnest(...)`` per transaction (column arrays bound in binary), acks only after COMMIT, retention
+one writer thread with its own psycopg 3 connection (sync API), one binary ``COPY`` per transaction
+(psycopg's C row writer; a multi-row ``INSERT ... unnest`` spent its time in psycopg's pure-Python
+array dumper), acks only after COMMIT, retention
 by age and by row count (each hub prunes its own rows), queries on a small
 ``psycopg_pool.ConnectionPool`` (``pool_size`` connections, as many reader threads).
 
@@ -49,11 +50,11 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS telemetry_device_time ON telemetry (device_id, received_at)",
     "CREATE INDEX IF NOT EXISTS telemetry_hub_id ON telemetry (hub, id)",
 )
-INSERT = (
-    "INSERT INTO telemetry (hub, device_id, type, received_at, robot_ts, body, battery, cpu, temperature,"
-    " signal) SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::float8[], %s::float8[], %s::text[],"
-    " %s::float8[], %s::float8[], %s::float8[], %s::float8[])"
+COPY = (
+    "COPY telemetry (hub, device_id, type, received_at, robot_ts, body, battery, cpu, temperature, signal)"
+    " FROM STDIN (FORMAT BINARY)"
 )
+COPY_TYPES = ("text", "text", "text", "float8", "float8", "text", "float8", "float8", "float8", "float8")
 COLUMNS = ("id", "device_id", "type", "received_at", "robot_ts", "battery", "cpu", "temperature", "signal")
 SELECT = "SELECT " + ", ".join(COLUMNS) + ", body FROM telemetry"
 CONNECT_TIMEOUT = 5  # s, libpq connect_timeout of every connection
@@ -152,13 +153,16 @@ class PostgresStore(GroupCommitStore):
 
         try:
             conn = self._connection()
-            cols: list[list[Any]] = [[] for _ in range(9)]
-            for rows in row_lists:
-                for c, values in zip(cols, zip(*rows, strict=True), strict=True):
-                    c.extend(values)
-            n = len(cols[0])
-            # Autocommit connection: the one statement is its own transaction (COMMIT on return).
-            conn.execute(INSERT, [self.node_id, *cols])
+            hub = self.node_id
+            n = 0
+            # One binary COPY per transaction (psycopg's C row writer), COMMIT when the block ends.
+            with conn.transaction(), conn.cursor().copy(COPY) as copy:
+                copy.set_types(COPY_TYPES)
+                write = copy.write_row
+                for rows in row_lists:
+                    n += len(rows)
+                    for row in rows:
+                        write((hub, *row))
         except psycopg.OperationalError:
             self._drop_connection()
             raise
