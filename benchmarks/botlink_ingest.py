@@ -313,7 +313,9 @@ def idle_worker(wid: int, host: str, port: int, first: int, count: int, ready: A
 class Daemon:
     """``twistd -n robonet`` from this checkout on a free loopback port, bot link only."""
 
-    def __init__(self, store: bool, idle_timeout: float, log_level: str = "warn") -> None:
+    def __init__(
+        self, store: bool, idle_timeout: float, log_level: str = "warn", extra_env: dict[str, str] | None = None
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="robonet-bench-"))
         self.port = free_port()
         env = dict(os.environ)
@@ -328,6 +330,7 @@ class Daemon:
                 "ROBONET_PEERS_AUTO": "false",
             }
         )
+        env.update(extra_env or {})
         argv = [
             sys.executable,
             "-c",
@@ -625,6 +628,41 @@ def print_result(r: dict[str, Any]) -> None:
         )
 
 
+def run_one(args: argparse.Namespace, run: Any, mode: str, extra: dict[str, str]) -> dict[str, Any]:
+    """One run against a daemon started with store ``mode`` (or the running one at --host)."""
+    daemon: Daemon | None = None
+    spy: subprocess.Popen[bytes] | None = None
+    if args.host is None:
+        daemon = Daemon(store=mode != "off", idle_timeout=600.0, extra_env=extra)
+        host, port, pid = "127.0.0.1", daemon.port, daemon.pid
+        print(f"started robonet (pid {pid}) on 127.0.0.1:{port}, store {mode}, state in {daemon.dir}")
+    else:
+        host, port, pid = args.host, args.port, args.pid
+    if args.profile and pid:
+        out = Path(args.profile) / f"store-{mode}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        spy = subprocess.Popen(
+            [spy_bin, "record", "-p", str(pid), "-o", str(out), "-f", "raw", "-r", "200", "--threads",
+             "-d", str(int(args.warmup + args.duration))],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    try:
+        result: dict[str, Any] = run(args, host, port, ProcStats(pid))
+    finally:
+        if spy is not None:
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+        if daemon is not None:
+            daemon.stop(keep=args.keep)
+    result["store"] = mode
+    print_result(result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", help="use a running daemon at this address (default: start one)")
@@ -637,8 +675,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--payload", type=int, default=190, help="telemetry payload bytes (default 190)")
     p.add_argument("--procs", type=int, default=2, help="load-generator processes (default 2)")
     p.add_argument(
-        "--store", choices=("on", "off"), default="on", help="daemon's telemetry store (default on)"
+        "--store",
+        default="on",
+        help="daemon's telemetry store: on, off, sqlite, postgresql, or a comma list run one after the"
+        " other in this invocation (e.g. 'off,on' or 'sqlite,postgresql'); default on (= sqlite)",
     )
+    p.add_argument("--dsn", default="", help="store.dsn for --store postgresql (default: start one)")
+    p.add_argument("--profile", default="", help="py-spy record each daemon into this directory")
     p.add_argument("--idle", type=int, default=0, help="S3: open this many idle connections instead")
     p.add_argument(
         "--reference",
@@ -652,19 +695,40 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--host and --port go together")
     raise_fd_limit()
     run = run_idle if args.idle else run_ingest
-    daemon: Daemon | None = None
-    if args.host is None:
-        daemon = Daemon(store=args.store == "on", idle_timeout=600.0)
-        host, port, pid = "127.0.0.1", daemon.port, daemon.pid
-        print(f"started robonet (pid {pid}) on 127.0.0.1:{port}, store {args.store}, state in {daemon.dir}")
-    else:
-        host, port, pid = args.host, args.port, args.pid
+    modes = [m.strip() for m in args.store.split(",") if m.strip()]
+    for m in modes:
+        if m not in ("on", "off", "sqlite", "postgresql"):
+            p.error(f"--store: unknown mode {m!r}")
+    results = []
+    pg = None
     try:
-        result = run(args, host, port, ProcStats(pid))
+        for mode in modes:
+            args.store = mode
+            extra: dict[str, str] = {}
+            if mode == "postgresql":
+                dsn = args.dsn
+                if not dsn:
+                    if pg is None:
+                        sys.path.insert(0, str(REPO))
+                        from tests.pg import PostgresServer
+
+                        pg = PostgresServer.start_new(Path(tempfile.mkdtemp(prefix="robonet-bench-pg-")))
+                    dsn = pg.fresh_database()
+                extra = {"ROBONET_STORE_BACKEND": "postgresql", "ROBONET_STORE_DSN": dsn}
+            results.append(run_one(args, run, mode, extra))
     finally:
-        if daemon is not None:
-            daemon.stop(keep=args.keep)
-    print_result(result)
+        if pg is not None:
+            pg.stop()
+    result = results[-1]
+    if len(results) > 1 and not args.idle:
+        base = results[0]
+        for r in results[1:]:
+            if base.get("acked_msgs_per_s") and r.get("acked_msgs_per_s"):
+                r["ratio_to_first"] = r["acked_msgs_per_s"] / base["acked_msgs_per_s"]
+                print(
+                    f"store {r['store']} / store {base['store']} acked msgs/s: {r['ratio_to_first']:.2f}"
+                    " (same invocation)"
+                )
     if args.reference:
         ref = Reference()
         print(f"reference: bare Twisted relay (pid {ref.pid}) on 127.0.0.1:{ref.port}")
@@ -675,10 +739,14 @@ def main(argv: list[str] | None = None) -> int:
         ref_result["store"] = "n/a"
         print_result(ref_result)
         key = "rss_per_connection_kb" if args.idle else "acked_msgs_per_s"
-        if result.get(key) and ref_result.get(key):
-            result["reference"] = ref_result
-            result["ratio_to_reference"] = result[key] / ref_result[key]
-            print(f"robonet / reference {key}: {result['ratio_to_reference']:.2f}")
+        for r in results:
+            if r.get(key) and ref_result.get(key):
+                r["ratio_to_reference"] = r[key] / ref_result[key]
+                print(f"robonet (store {r['store']}) / reference {key}: {r['ratio_to_reference']:.2f}")
+        result["reference"] = ref_result
+    if args.json:
+        for r in results[:-1]:
+            print(json.dumps(r))
     if args.json:
         print(json.dumps(result))
     return 0

@@ -426,19 +426,37 @@ class WebConfig:
     echo: bool = _key(False, _bool)
 
 
+def _dsn(value: Any, key: str) -> str:
+    text = _str(value, key)
+    if text and not text.startswith(("postgresql://", "postgres://")) and "=" not in text:
+        raise _fail(key, "a postgresql:// URL or a libpq key=value string", value)
+    return text
+
+
 @attrs.frozen
 class StoreConfig:
-    """``[store]``: the telemetry history (SQLite). Acks wait for its COMMIT.
-
-    ``path`` (empty: ``<state_dir>/telemetry.sqlite3``), ``retention_days`` and ``max_rows``
-    (0: unbounded), ``synchronous`` normal (survives a process crash) or full (a power cut).
-    """
+    """``[store]``: the telemetry history (docs/store.rst). ``backend`` "sqlite" (a file per hub at
+    ``path``) or "postgresql" (``dsn``, shared by several hubs; ``pool_size`` connections). Group
+    commit: ``commit_interval`` s, ``max_batch`` rows, ``max_batch_bytes``; at most
+    ``max_pending_rows`` uncommitted rows (then ``store_unavailable``); ``stop_timeout`` s to flush."""
 
     enabled: bool = _key(True, _bool)
     path: str = _key("", _str)
     retention_days: float = _key(30.0, _NONNEG_NUM)
     max_rows: int = _key(5000000, _NONNEG_INT)
     synchronous: str = _key("normal", _choice("normal", "full"))
+    backend: str = _key("sqlite", _choice("sqlite", "postgresql"))
+    dsn: str = _key("", _dsn)
+    pool_size: int = _key(2, _POS_INT)
+    commit_interval: float = _key(0.005, _NONNEG_NUM)
+    max_batch: int = _key(10000, _POS_INT)
+    max_batch_bytes: int = _key(4194304, _POS_INT)
+    max_pending_rows: int = _key(200000, _POS_INT)
+    stop_timeout: float = _key(10.0, _NONNEG_NUM)
+
+    def __attrs_post_init__(self) -> None:
+        if self.backend == "postgresql" and not self.dsn:
+            raise ConfigError("store.dsn", 'required when store.backend = "postgresql"')
 
 
 @attrs.frozen

@@ -147,15 +147,9 @@ def build_service(config: Config, reactor: Any, *, demo: bool = False) -> MultiS
 
     store = None
     if config.store.enabled:
-        from robonet.services.store import TelemetryStore
+        from robonet.services.store import build_store
 
-        store = TelemetryStore(
-            config.store_path,
-            reactor=reactor,
-            retention_days=config.store.retention_days,
-            max_rows=config.store.max_rows,
-            synchronous=config.store.synchronous,
-        )
+        store = build_store(config, reactor, node_id=node.node_id)
         store.setServiceParent(top)
 
     hub = Hub(config, reactor, store=store, node=node)

@@ -1,6 +1,6 @@
 """Helper process for the kill -9 test in tests/test_store.py (not a test module).
 
-Usage: ``python tests/store_crash_writer.py DB_PATH [RATE]``. Runs a TelemetryStore under the real
+Usage: ``python tests/store_crash_writer.py DB_PATH|postgresql://DSN [RATE]``. Runs a TelemetryStore under the real
 reactor, appends about RATE (default 500) telemetry rows a second, each carrying a sequence number
 ``seq`` in its body, and writes ``<seq>\\n`` to stdout only from the batch's ok callback, i.e. only
 once the row's COMMIT returned — exactly when a face would send the ack. It runs until killed.
@@ -16,17 +16,22 @@ from typing import Any, cast
 import orjson
 from twisted.internet import reactor, task
 
-from robonet.services.store import TelemetryStore
+from robonet.services.store import GroupCommitStore, TelemetryStore
 
 TICK = 0.01  # seconds between bursts
 
 
 def main(argv: list[str]) -> None:
     """Start the store and the paced writer; never returns until the process is killed."""
-    path = Path(argv[1])
     rate = int(argv[2]) if len(argv) > 2 else 500
     per_tick = max(1, round(rate * TICK))
-    store = TelemetryStore(path, reactor=cast(Any, reactor))
+    store: GroupCommitStore
+    if argv[1].startswith("postgresql://"):
+        from robonet.services.store_pg import PostgresStore
+
+        store = PostgresStore(argv[1], reactor=cast(Any, reactor))
+    else:
+        store = TelemetryStore(Path(argv[1]), reactor=cast(Any, reactor))
     store.startService()
     seq = 0
 

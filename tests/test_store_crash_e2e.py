@@ -1,7 +1,8 @@
 """kill -9 of the real daemon loses no acknowledged telemetry (HARDENING.md, store row).
 
 A robot sends telemetry with ids at ~500 msgs/s over the bot link and records every id the daemon
-acked; the daemon is SIGKILLed mid-stream; every acked id must be in the SQLite database.
+acked; the daemon is SIGKILLed mid-stream; every acked id must be in the database: the SQLite file,
+and (second class) a real PostgreSQL started by tests/pg.py (skipped only without its binaries).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import orjson
 from twisted.trial.unittest import SynchronousTestCase
 
 from robonet.protocols.botlink import encode_obj
+from tests import pg
 from tests.daemon import start_daemon
 
 RATE = 500  # msgs/s
@@ -35,9 +37,22 @@ def _frames(buf: bytearray) -> list[dict[str, object]]:
 
 
 class KillNineTests(SynchronousTestCase):
+    dsn = ""
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+    def stored_ids(self, daemon: object) -> set[int]:
+        db = sqlite3.connect(str(daemon.state_dir / "telemetry.sqlite3"))  # type: ignore[attr-defined]
+        self.addCleanup(db.close)
+        return {
+            int(orjson.loads(body)["id"])
+            for (body,) in db.execute("SELECT body FROM telemetry WHERE device_id = 'crash_bot'")
+        }
+
     def test_kill_9_loses_no_acked_row(self) -> None:
-        """Every telemetry id acked before SIGKILL is in telemetry.sqlite3 after it."""
-        daemon = start_daemon(self, faces=("botlink",), store=True)
+        """Every telemetry id acked before SIGKILL is in the store's database after it."""
+        daemon = start_daemon(self, faces=("botlink",), store=True, env=self.env())
         sock = socket.create_connection(("127.0.0.1", daemon.ports["botlink"]), timeout=5)
         self.addCleanup(sock.close)
         sock.sendall(encode_obj({"type": "hello", "proto": 1, "role": "robot", "device_id": "crash_bot"}))
@@ -63,10 +78,22 @@ class KillNineTests(SynchronousTestCase):
         self.assertGreaterEqual(len(acked), MIN_ACKED, "not enough acks before the deadline")
         daemon.kill9()
         self.assertGreater(next_id - 1, len(acked) - 1)
-        db = sqlite3.connect(str(daemon.state_dir / "telemetry.sqlite3"))
-        self.addCleanup(db.close)
-        stored = {
-            int(orjson.loads(body)["id"])
-            for (body,) in db.execute("SELECT body FROM telemetry WHERE device_id = 'crash_bot'")
-        }
+        stored = self.stored_ids(daemon)
         self.assertEqual(acked - stored, set(), "acknowledged rows lost by kill -9")
+
+
+class PostgresKillNineTests(KillNineTests):
+    """The same against ``store.backend = "postgresql"``."""
+
+    skip = pg.SKIP_REASON
+
+    def env(self) -> dict[str, str]:
+        self.dsn = pg.shared_server().fresh_database()
+        return {"ROBONET_STORE_BACKEND": "postgresql", "ROBONET_STORE_DSN": self.dsn}
+
+    def stored_ids(self, daemon: object) -> set[int]:
+        import psycopg
+
+        with psycopg.connect(self.dsn) as conn:
+            rows = conn.execute("SELECT (body::json->>'id')::int FROM telemetry WHERE device_id = 'crash_bot'")
+            return {int(r[0]) for r in rows}

@@ -490,8 +490,13 @@ class BotLinkProtocol(Protocol):
     def _acks_failed(self, failure: Failure, acks: list[tuple[int, int]], received_at: float) -> None:
         if self.closing:
             return
+        # The store's own code when it gives one (store_unavailable: over store.max_pending_rows).
+        err = failure.value
+        code, text = ("internal", "message could not be stored")
+        if isinstance(err, HubError):
+            code, text = err.code, err.message
         for mid, _ in acks:
-            self._error("internal", "message could not be stored", mid)
+            self._error(code, text, mid)
 
     def _on_ack(self, obj: dict[str, Any], mid: int | None, payload: bytes) -> None:
         self.hub.stats.count_in("ack")

@@ -247,13 +247,24 @@ class DevicesResource(JsonResource):
         return json_body(request, {"devices": devices, "count": len(devices)})
 
 
+def _scope_arg(request: Request) -> dict[str, str]:
+    """``?scope=hub|project`` of the history endpoints (docs/store.rst): ``{}`` for the default
+    (project: every hub's rows in the database), ``{"scope": "hub"}`` for this hub's only."""
+    scope = arg(request, "scope")
+    if scope is None or scope == "project":
+        return {}
+    if scope != "hub":
+        raise BadParam("scope", "scope must be 'hub' or 'project'")
+    return {"scope": "hub"}
+
+
 class TelemetryResource(JsonResource):
     """``/api/telemetry?device_id=&type=&since=&until=&limit=`` -> ``{"rows": [...], "count": n}``.
 
     Rows come from the store, newest first: ``{"id", "device_id", "type", "received_at" (Unix s),
     "robot_ts", "battery", "cpu", "temperature", "signal", "body"}``. ``since``/``until`` bound
     ``received_at`` (inclusive; Unix seconds or ISO-8601, naive = UTC); ``limit`` 1..10000 (default
-    1000). Bad values -> 400 ``{"error", "param"}``; 503 when the store is disabled.
+    1000); ``scope`` ``project`` (default: every hub writing to the database) or ``hub``. Bad values -> 400 ``{"error", "param"}``; 503 when the store is disabled.
     """
 
     def get(self, request: Request) -> bytes | int:
@@ -269,7 +280,10 @@ class TelemetryResource(JsonResource):
         store = self.hub.store
         if store is None:
             return json_error(request, 503, "telemetry store is disabled")
-        d = maybeDeferred(store.query, device_id=device_id, since=since, until=until, limit=limit, type=mtype)
+        kw = _scope_arg(request)
+        d = maybeDeferred(
+            store.query, device_id=device_id, since=since, until=until, limit=limit, type=mtype, **kw
+        )
 
         def shape(rows: list[dict[str, Any]]) -> dict[str, Any]:
             return {"rows": rows, "count": len(rows)}
@@ -279,7 +293,8 @@ class TelemetryResource(JsonResource):
 
 class BatteryHistoryResource(JsonResource):
     """``/api/battery-history/`` as the original: ``[[epoch_ms, battery], ...]``, the last 100
-    telemetry rows that have a battery value, oldest first; ``?device_id=`` narrows it to one robot.
+    telemetry rows that have a battery value, oldest first; ``?device_id=`` narrows it to one robot,
+    ``?scope=hub`` to this hub's rows (default ``project``).
     With the store disabled: ``[]`` (the original page then simply shows no history).
     """
 
@@ -289,7 +304,9 @@ class BatteryHistoryResource(JsonResource):
         store = self.hub.store
         if store is None:
             return json_body(request, [])
-        return deferred_json(request, maybeDeferred(store.battery_history, device_id, BATTERY_HISTORY_ROWS))
+        kw = _scope_arg(request)
+        d = maybeDeferred(store.battery_history, device_id, BATTERY_HISTORY_ROWS, **kw)
+        return deferred_json(request, d)
 
 
 class HubRequestResource(JsonResource):
