@@ -132,7 +132,7 @@ class CodecTests(unittest.SynchronousTestCase):
             b'{"op":"subscribe","subscriptions":[{"id":4294967296,"channelId":1}]}': "bad_request",
             b'{"op":"subscribe","subscriptions":[{"id":1,"channelId":"1"}]}': "bad_request",
             b'{"op":"unsubscribe","subscriptionIds":[1.5]}': "bad_request",
-            b'{"op":"advertise","channels":[{"id":1,"topic":5,"encoding":"json","schemaName":""}]}': "bad_request",
+            b'{"op":"advertise","channels":[{"id":1,"topic":5,"encoding":"json"}]}': "bad_request",
             b'{"op":"unadvertise","channelIds":"1"}': "bad_request",
         }
         for payload, code in cases.items():
