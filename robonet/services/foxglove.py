@@ -125,8 +125,25 @@ class ChannelManager:
 
     def _send(self, ch: ServerChannel, payload: bytes, ns: int, priority: Priority) -> None:
         key = ch.channel.id if priority is Priority.LATEST else None
+        ws_head = fg.ws_binary_header(13 + len(payload))  # same length for every subscriber
+        pack = fg.message_data_header
         for proto, sub_id in ch.subscribers.items():
-            proto.send_data(sub_id, ns, payload, priority, key)
+            q = proto.queue
+            if q is None:
+                continue
+            head = ws_head + pack(sub_id, ns)
+            if q.paused or q.closed:
+                q.put(head + payload, priority, key)  # held, conflated or dropped by the queue
+                continue
+            # Hot path, same as q.put() -> proto._owe() for a queue that is not paused; the
+            # payload is shared by every subscriber and joined once per write.
+            pending = proto._pending
+            if pending is None:
+                proto._pending = [head, payload]
+                proto.factory.mark_dirty(proto)
+            else:
+                pending.append(head)
+                pending.append(payload)
 
     def _open_channel(self, device_id: str, mtype: str, schema: schemas.Schema) -> ServerChannel | None:
         if len(self.channels) >= self.max_channels:
