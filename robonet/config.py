@@ -554,6 +554,28 @@ class LogConfig:
     json_file: str = _key("", _str)
 
 
+@attrs.frozen
+class FoxgloveConfig:
+    """``[foxglove]``: the Foxglove WebSocket face (foxglove.websocket.v1, docs/foxglove.rst).
+
+    ``listen`` endpoints (``none`` disables); ``max_message`` caps every incoming frame, message
+    and inflated message (bytes, close 1009 above); ``max_queue_bytes`` is each client's send
+    queue budget; ``slow_timeout`` the seconds a client may stay stalled before it is closed;
+    ``max_clients`` open connections; ``max_channels`` server channels (one per device and message
+    type); ``max_client_channels`` channels one client may advertise; ``handshake_timeout`` seconds
+    to complete the WebSocket opening handshake.
+    """
+
+    listen: tuple[str, ...] = _key(("tcp:8765",), _listen)
+    max_message: int = _key(1048576, _POS_INT)
+    max_queue_bytes: int = _key(1048576, _POS_INT)
+    slow_timeout: float = _key(10.0, _POS_NUM)
+    max_clients: int = _key(32, _POS_INT)
+    max_channels: int = _key(10000, _POS_INT)
+    max_client_channels: int = _key(64, _POS_INT)
+    handshake_timeout: float = _key(10.0, _POS_NUM)
+
+
 SECTIONS: dict[str, type] = {
     "hub": HubConfig,
     "botlink": BotlinkConfig,
@@ -567,6 +589,7 @@ SECTIONS: dict[str, type] = {
     "tls": TlsConfig,
     "teleop": TeleopConfig,
     "log": LogConfig,
+    "foxglove": FoxgloveConfig,
 }
 
 
@@ -586,6 +609,7 @@ class Config:
     tls: TlsConfig = attrs.Factory(TlsConfig)
     teleop: TeleopConfig = attrs.Factory(TeleopConfig)
     log: LogConfig = attrs.Factory(LogConfig)
+    foxglove: FoxgloveConfig = attrs.Factory(FoxgloveConfig)
 
     @property
     def state_path(self) -> Path:

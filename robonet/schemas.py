@@ -64,7 +64,10 @@ _KNOWN: dict[str, dict[str, Any]] = {
     },
     "robot_move": {
         "title": "robonet robot_move command",
-        "properties": {"x": {**_NUM, "description": "-1..1 turn"}, "y": {**_NUM, "description": "-1..1 drive"}},
+        "properties": {
+            "x": {**_NUM, "description": "-1..1 turn"},
+            "y": {**_NUM, "description": "-1..1 drive"},
+        },
     },
     "camera_move": {
         "title": "robonet camera_move command",
@@ -117,3 +120,56 @@ def parse_topic(topic: str) -> tuple[str, str] | None:
     if len(parts) != 3 or parts[0] != "" or not parts[1] or not parts[2]:
         return None
     return parts[1], parts[2]
+
+
+# --- standard Foxglove schemas (added for the Foxglove face; the recorder may use them too) ------
+
+POINT_CLOUD_SCHEMA_NAME = "foxglove.PointCloud"
+_TIME = {
+    "type": "object",
+    "title": "time",
+    "properties": {"sec": {"type": "integer", "minimum": 0}, "nsec": {"type": "integer", "minimum": 0}},
+}
+_VEC3 = {"type": "object", "properties": {"x": _NUM, "y": _NUM, "z": _NUM}}
+_POINT_CLOUD: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "foxglove.PointCloud",
+    "description": "A collection of N-dimensional points (Foxglove's standard schema, JSON encoding)",
+    "type": "object",
+    "properties": {
+        "timestamp": _TIME,
+        "frame_id": _STR,
+        "pose": {
+            "type": "object",
+            "properties": {
+                "position": _VEC3,
+                "orientation": {"type": "object", "properties": {"x": _NUM, "y": _NUM, "z": _NUM, "w": _NUM}},
+            },
+        },
+        "point_stride": {"type": "integer", "minimum": 0},
+        "fields": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "title": "foxglove.PackedElementField",
+                "properties": {
+                    "name": _STR,
+                    "offset": {"type": "integer", "minimum": 0},
+                    "type": {"type": "integer", "description": "foxglove.NumericType (7 = FLOAT32)"},
+                },
+            },
+        },
+        "data": {"type": "string", "contentEncoding": "base64"},
+    },
+}
+
+
+@functools.lru_cache(maxsize=1)
+def point_cloud_schema() -> Schema:
+    """The ``foxglove.PointCloud`` JSON Schema (Foxglove's 3D panel renders this schema name)."""
+    return Schema(POINT_CLOUD_SCHEMA_NAME, SCHEMA_ENCODING, orjson.dumps(_POINT_CLOUD), True)
+
+
+def points_topic_for(device_id: str) -> str:
+    """The topic of ``device_id``'s ultrasonic scans as a point cloud: ``/<device_id>/sensor_data/points``."""
+    return f"/{device_id}/sensor_data/points"

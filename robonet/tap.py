@@ -28,6 +28,7 @@ _LISTEN_OPTIONS = {
     "camera-data": ("camera", "data_listen", False),
     "camera-settings": ("camera", "settings_listen", False),
     "camera-auth": ("camera", "auth_listen", False),
+    "foxglove": ("foxglove", "listen", True),
 }
 
 
@@ -78,6 +79,10 @@ class Options(usage.Options):
     def opt_camera_auth(self, value: str) -> None:
         """camera auth endpoint (default tcp:5002)"""
         self._listen("camera-auth", value)
+
+    def opt_foxglove(self, value: str) -> None:
+        """Foxglove WebSocket listen endpoint, e.g. tcp:8765 (repeatable)"""
+        self._listen("foxglove", value)
 
     def overrides(self) -> dict[str, dict[str, Any]]:
         """The command line as a config layer ``{section: {key: value}}``."""
@@ -189,6 +194,12 @@ def build_service(config: Config, reactor: Any, *, demo: bool = False) -> MultiS
 
         hub.faces["web"] = list(config.web.listen)
         for svc in web_services(config, hub, reactor, extra_resources):
+            svc.setServiceParent(top)
+
+    if config.foxglove.listen:
+        from robonet.services.foxglove import foxglove_services
+
+        for svc in foxglove_services(config, hub, reactor):
             svc.setServiceParent(top)
 
     discovery = None

@@ -127,7 +127,7 @@ def start_daemon(
         "--state-dir",
         str(state),
     ]
-    for face in ("botlink", "line", "web"):
+    for face in ("botlink", "line", "web", "foxglove"):
         if face in faces:
             chosen.setdefault(face, free_port())
             args += [f"--{face}", f"tcp:{chosen[face]}:interface=127.0.0.1"]
