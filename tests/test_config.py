@@ -32,6 +32,7 @@ CHOICES = {
     ("auth", "mode"): "token",
     ("peers", "forward"): ("telemetry", "status"),
     ("hub", "state_dir"): "/srv/robonet-state",
+    ("recorder", "compression"): "lz4",
 }
 
 
