@@ -677,6 +677,9 @@ def make_site(
     api.putChild(b"battery-history", BatteryHistoryResource(config, hub))
     api.putChild(b"stats", HubRequestResource(config, hub, "stats"))
     api.putChild(b"peers", HubRequestResource(config, hub, "peer_list", fallback={"peers": []}))
+    from robonet.services.export import ExportResource  # imports this module: import here
+
+    api.putChild(b"export", ExportResource(config, hub))
     root.putChild(b"api", api)
     root.putChild(b"metrics", MetricsResource(config, hub, relay))
     root.putChild(b"healthz", HealthResource(hub))
