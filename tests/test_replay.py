@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,20 @@ class ScanTests(unittest.SynchronousTestCase):
             self.assertEqual(err.getvalue().count("\n"), 1, err.getvalue())
             self.assertNotIn("Traceback", err.getvalue())
         self.assertIn("--partial", self._partial_hint(cut))
+
+    def test_sim_from(self) -> None:
+        """``robonet-sim --from FILE`` takes the replay options and refuses a bad file the same way."""
+        from robonet import sim
+
+        args = sim.parse_args(["--from", "x.mcap", "--speed", "2", "--loop", "--devices", "r*"])
+        self.assertEqual((args.from_file, args.speed, args.loop, args.devices), ("x.mcap", 2.0, True, "r*"))
+        garbage = Path(self.mktemp())
+        garbage.write_bytes(b"not mcap" * 10)
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.assertEqual(sim.main(["--from", str(garbage)]), 2)
+        self.assertIn("robonet-sim --from: ", err.getvalue())
+        self.assertIn("not a readable MCAP", err.getvalue())
 
     def _partial_hint(self, cut: Path) -> str:
         try:
