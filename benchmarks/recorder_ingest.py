@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             r = one(args, rec)
             runs[rec].append(r)
             print(
-                f"round {i + 1} recorder {'on ' if rec else 'off'}: {r['acked_msgs_per_s']:>9,.0f} acked msgs/s, "
+                f"round {i + 1} recorder {'on ' if rec else 'off'}: "
+                f"{r['acked_msgs_per_s']:>9,.0f} acked msgs/s, "
                 f"daemon CPU {r['daemon_cpu_pct'] or 0:.0f} %, p99 {r['ack_rtt_p99_ms']:.1f} ms"
                 + (
                     f", wrote {r['rec_messages']:,} messages in {r['rec_files']} file(s), "
