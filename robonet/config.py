@@ -574,6 +574,26 @@ class FoxgloveConfig:
     max_channels: int = _key(10000, _POS_INT)
     max_client_channels: int = _key(64, _POS_INT)
     handshake_timeout: float = _key(10.0, _POS_NUM)
+class RecorderConfig:
+    """``[recorder]``: the MCAP recorder (docs/recording.rst). Off by default.
+
+    ``dir`` defaults to ``<state_dir>/recordings``; a file is rotated after ``rotate_mb`` MiB or
+    ``rotate_minutes``; the oldest files go once the directory holds over ``keep_gb`` GiB (0 = keep
+    all). ``queue`` bounds the events waiting for the writer thread (oldest dropped and counted);
+    ``chunk_kb`` is the MCAP chunk size and ``flush_interval`` (s) how often the chunk in progress
+    is written out, which bounds what a crash can lose; ``exclude_types`` are not recorded.
+    """
+
+    enabled: bool = _key(False, _bool)
+    dir: str = _key("", _str)
+    rotate_mb: float = _key(256.0, _POS_NUM)
+    rotate_minutes: float = _key(60.0, _POS_NUM)
+    keep_gb: float = _key(10.0, _NONNEG_NUM)
+    queue: int = _key(100000, _POS_INT)
+    chunk_kb: int = _key(1024, _POS_INT)
+    flush_interval: float = _key(1.0, _POS_NUM)
+    compression: str = _key("zstd", _choice("zstd", "lz4", "none"))
+    exclude_types: tuple[str, ...] = _key(("video_frame",), _str_list)
 
 
 SECTIONS: dict[str, type] = {
@@ -590,6 +610,7 @@ SECTIONS: dict[str, type] = {
     "teleop": TeleopConfig,
     "log": LogConfig,
     "foxglove": FoxgloveConfig,
+    "recorder": RecorderConfig,
 }
 
 
@@ -610,6 +631,7 @@ class Config:
     teleop: TeleopConfig = attrs.Factory(TeleopConfig)
     log: LogConfig = attrs.Factory(LogConfig)
     foxglove: FoxgloveConfig = attrs.Factory(FoxgloveConfig)
+    recorder: RecorderConfig = attrs.Factory(RecorderConfig)
 
     @property
     def state_path(self) -> Path:
@@ -620,6 +642,11 @@ class Config:
     def store_path(self) -> Path:
         """The resolved SQLite path (``store.path``, default ``<state_dir>/telemetry.sqlite3``)."""
         return Path(self.store.path) if self.store.path else self.state_path / "telemetry.sqlite3"
+
+    @property
+    def recorder_dir(self) -> Path:
+        """The resolved recordings directory (``recorder.dir``, default ``<state_dir>/recordings``)."""
+        return Path(self.recorder.dir) if self.recorder.dir else self.state_path / "recordings"
 
 
 def _merge(layers: list[tuple[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:

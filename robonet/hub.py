@@ -111,6 +111,7 @@ class Hub(Service):
         self._callbacks: dict[str, list[Callback]] = {}
         self._endpoints: dict[str, Endpoint] = {}
         self._subscribers: list[Subscriber] = []
+        self._command_observers: list[tuple[Any, Any]] = []
         self._stats_loop: task.LoopingCall | None = None
         self.stats_interval = STATS_LOG_INTERVAL
         self.registry.observe(self._on_registry_event)
@@ -372,6 +373,16 @@ class Hub(Service):
 
     # -- commands --
 
+    def observe_commands(
+        self,
+        on_command: Callable[[str, str | None, dict[str, Any]], object],
+        on_outcome: Callable[[str, str | None, dict[str, Any], Any], object] | None = None,
+    ) -> None:
+        """Watch every :meth:`command` (the MCAP recorder): ``on_command(origin, target, body)`` when
+        it is routed, ``on_outcome(origin, target, body, result)`` when its Deferred fires
+        (``result``: the device id list, or the Failure). Observers must not block or raise."""
+        self._command_observers.append((on_command, on_outcome))
+
     def command(
         self,
         body: dict[str, Any],
@@ -380,6 +391,31 @@ class Hub(Service):
         identity: Any = None,
         face: str = "",
         address: str = "",
+    ) -> defer.Deferred[list[str]]:
+        """Route a command (see :meth:`_route_command`), telling the command observers."""
+        observers = self._command_observers
+        if not observers:
+            return self._route_command(body, origin, target)
+        for on_command, _ in observers:
+            try:
+                on_command(origin, target, body)
+            except Exception:
+                self.log.failure("command observer failed")
+        d = self._route_command(body, origin, target)
+
+        def settled(result: Any) -> Any:
+            for _, on_outcome in observers:
+                if on_outcome is not None:
+                    try:
+                        on_outcome(origin, target, body, result)
+                    except Exception:
+                        self.log.failure("command outcome observer failed")
+            return result
+
+        return d.addBoth(settled)
+
+    def _route_command(
+        self, body: dict[str, Any], origin: str, target: str | None = None
     ) -> defer.Deferred[list[str]]:
         """Route a command to robot ``target`` (or to every online robot when None).
 

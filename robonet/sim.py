@@ -710,6 +710,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scan-interval", type=float, default=5.0, help="seconds between ultrasonic scans")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable runs")
     p.add_argument("-v", "--verbose", action="store_true", help="log every message, not just events")
+    p.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE.mcap",
+        default=None,
+        help="replay the robots of an MCAP recording instead (as robonet-replay; see --speed, --loop)",
+    )
+    from robonet.replay import add_replay_options
+
+    add_replay_options(p, host_port=False)
     args = p.parse_args(argv)
     if args.robots < 0 or args.rate < 0 or (args.duration is not None and args.duration <= 0):
         p.error("--robots and --rate must be >= 0, --duration > 0")
@@ -746,6 +756,11 @@ def _start_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``robonet-sim``: run the fleet until ``--duration`` expires or Ctrl-C; returns 0."""
     args = parse_args(argv)
+    if args.from_file is not None:
+        from robonet.replay import replay_main
+
+        args.file = args.from_file
+        return replay_main(args, prog="robonet-sim --from")
     _start_logging(args.verbose)
     from twisted.internet import reactor
 

@@ -161,6 +161,11 @@ def build_service(config: Config, reactor: Any, *, demo: bool = False) -> MultiS
     hub.setServiceParent(top)
     config = setup_security(config, hub, reactor, top)
 
+    if config.recorder.enabled:  # after the hub, before the faces: it stops once they have stopped
+        from robonet.services.recorder import Recorder
+
+        Recorder(config.recorder, config.recorder_dir, hub, reactor).setServiceParent(top)
+
     def serve(face: str, descs: tuple[str, ...] | list[str], factory: Any) -> None:
         hub.faces[face] = list(descs)
         for desc in descs:

@@ -645,6 +645,35 @@ class MockHubTests(SynchronousTestCase):
             self.assertTrue(got["fits"], f"{name}: page is wider than the viewport")
             self.assertEqual(got["errors"], [], name)
 
+    def test_history_download_links(self) -> None:
+        """Each robot card offers its stored history for download: CSV and MCAP links to
+        /api/export for that device (issue 10), marked as downloads."""
+
+        def run(browser: Browser) -> Any:
+            with static_server() as base:
+                hub = MockHub(_fleet(), camera=CAMERA_STATUS)
+                page = browser.new_page(viewport={"width": 1280, "height": 800})
+                errors = _page_errors(page)
+                hub.install(page)
+                page.goto(base)
+                page.wait_for_selector(".card[data-device-id=robot_01] .history-download a", timeout=WAIT_MS)
+                links = page.eval_on_selector_all(
+                    ".card[data-device-id=robot_01] .history-download a",
+                    "els => els.map(a => [a.dataset.format, a.getAttribute('href'), a.hasAttribute('download')])",
+                )
+                page.close()
+                return links, errors
+
+        links, errors = _in_browser_thread(run)
+        self.assertEqual(
+            links,
+            [
+                ["csv", "/api/export?device_id=robot_01&format=csv", True],
+                ["mcap", "/api/export?device_id=robot_01&format=mcap", True],
+            ],
+        )
+        self.assertEqual(errors, [])
+
     def test_joystick_and_sliders(self) -> None:
         """Dragging the robot joystick with a mouse sends robot_move with the selected target's
         device_id, repeats the held value every 100 ms, and sends {x:0, y:0} once on release; two

@@ -34,6 +34,7 @@ CHOICES = {
     ("tls", "mode"): "auto",
     ("peers", "forward"): ("telemetry", "status"),
     ("hub", "state_dir"): "/srv/robonet-state",
+    ("recorder", "compression"): "lz4",
 }
 
 

@@ -706,6 +706,9 @@ def make_site(
     api.putChild(b"peers", HubRequestResource(config, hub, "peer_list", fallback={"peers": []}))
     for child, auth_resource in auth_resources(config, hub).items():  # docs/security.rst
         api.putChild(child.encode(), auth_resource)
+    from robonet.services.export import ExportResource  # imports this module: import here
+
+    api.putChild(b"export", ExportResource(config, hub))
     root.putChild(b"api", api)
     root.putChild(b"metrics", MetricsResource(config, hub, relay))
     root.putChild(b"healthz", HealthResource(hub))

@@ -61,6 +61,18 @@ export class RobotCard {
     this.frameCaption = el("figcaption", { text: "Video" });
     this.frameFig = el("figure", { class: "video", hidden: true }, this.frameImg, this.frameCaption);
     this.noteEl = el("p", { class: "card-note", hidden: true });
+    // History download: the stored messages of this robot from /api/export (issue 10).
+    const token = new URLSearchParams(location.search).get("token");
+    const exportUrl = (fmt) =>
+      `/api/export?device_id=${encodeURIComponent(deviceId)}&format=${fmt}` +
+      (token ? `&token=${encodeURIComponent(token)}` : "");
+    this.downloadEl = el(
+      "p",
+      { class: "history-download" },
+      el("a", { href: exportUrl("csv"), download: "", "data-format": "csv", text: "Download history (CSV)" }),
+      " · ",
+      el("a", { href: exportUrl("mcap"), download: "", "data-format": "mcap", text: "MCAP" }),
+    );
 
     this.root = el(
       "article",
@@ -68,6 +80,7 @@ export class RobotCard {
       el("header", { class: "card-head" }, this.nameEl, this.statusEl, this.metaEl),
       metrics,
       this.chartEl,
+      this.downloadEl,
       el("div", { class: "extras" }, this.scanFig, this.frameFig),
       this.noteEl,
     );
