@@ -103,6 +103,7 @@ class Hub(Service):
         self.faces: dict[str, list[str]] = {}
         self.peers: Any = None  # the PeerService, when federation runs
         self.peer_acceptor: Any = None  # accepts inbound role=peer hellos on the bot link
+        self.mqtt: Any = None  # the MqttBridge, when [mqtt] is enabled (its stats() feed /metrics)
         self._callbacks: dict[str, list[Callback]] = {}
         self._endpoints: dict[str, Endpoint] = {}
         self._subscribers: list[Subscriber] = []
@@ -484,6 +485,8 @@ class Hub(Service):
         snap["subscribers"] = len(self._subscribers)
         if self.store is not None and hasattr(self.store, "stats"):
             snap["store"] = self.store.stats()
+        if self.mqtt is not None:
+            snap["mqtt"] = self.mqtt.stats()
         return snap
 
     def _ep_peer_list(self, data: Any, origin: str) -> Any:

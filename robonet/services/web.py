@@ -442,6 +442,15 @@ class HubCollector(Collector):
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         yield GaugeMetricFamily(f"robonet_store_{key}", f"store {key}", value=float(value))
 
+        bridge = getattr(hub, "mqtt", None)
+        if bridge is not None:
+            ms = bridge.stats()
+            yield GaugeMetricFamily(
+                "robonet_mqtt_connected", "1 while the MQTT bridge is connected", value=ms["connected"]
+            )
+            for key in ("messages_out", "messages_in", "dropped", "reconnects"):
+                yield CounterMetricFamily(f"robonet_mqtt_{key}", f"MQTT bridge {key}", value=ms[key])
+
 
 class MetricsResource(Resource):
     """``/metrics``: Prometheus text exposition of a :class:`HubCollector` (token-checked)."""
