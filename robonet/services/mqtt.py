@@ -87,12 +87,12 @@ def parse_broker(text: str) -> BrokerAddress:
                 host = v
             elif k == "port":
                 port = int(v)
-        elif part:
+        else:
             positional.append(part)
-    if positional:
+    if positional and positional[0]:
         host = host or positional[0]
     if len(positional) > 1:
-        port = int(positional[1])
+        port = int(positional[1])  # ValueError for a missing or non-numeric port
     if not host or not 0 < port < 65536:
         raise ValueError(f"broker endpoint {text!r} needs a host and a port")
     return BrokerAddress(host, port, kind == "ssl")
