@@ -41,6 +41,7 @@ from robonet.protocols.websocket import MOTION_COMMANDS, Deadman
 # Device roles not announced on the broker (dashboards and peer hubs are not fleet devices).
 UNANNOUNCED_ROLES = frozenset(("website", "peer"))
 MISC_INTERVAL = 1.0
+_CONTROL = Priority.CONTROL
 MAX_INFLIGHT = 100
 MAX_QUEUED_QOS = 1000
 
@@ -235,6 +236,8 @@ class MqttBridge(Service):
         self._latest: dict[tuple[str, str], Event] = {}
         self._control: list[Event] = []
         self._flush_call: IDelayedCall | None = None
+        self._interval = self.config.batch_interval
+        self._offered = 0
         self._remote: dict[str, MqttRemoteLink] = {}
         self._hub_states: dict[str, str] = {}
         self._pending: dict[str, tuple[defer.Deferred[Any], IDelayedCall]] = {}
@@ -483,16 +486,14 @@ class MqttBridge(Service):
         if event.hub:
             return  # never re-publish a remote device (loops are impossible)
         if event.kind == "data":
-            if event.priority is Priority.CONTROL or self.config.batch_interval == 0:
+            # the hot path: one dict store per message; drops are counted once per batch
+            if event.priority is _CONTROL or not self._interval:
                 self._control.append(event)
             else:
-                key = (event.device_id, event.type)
-                if key in self._latest:
-                    self.conflated += 1
-                    self.hub.stats.drop("mqtt_conflated")
-                self._latest[key] = event
+                self._latest[(event.device_id, event.type)] = event
+                self._offered += 1
             if self._flush_call is None:
-                self._flush_call = self.reactor.callLater(self.config.batch_interval, self._flush)
+                self._flush_call = self.reactor.callLater(self._interval, self._flush)
         elif event.kind == "status":
             if self._announced("", str(event.body.get("role", ""))):
                 self._publish_status(event.device_id, event.body)
@@ -501,6 +502,11 @@ class MqttBridge(Service):
         self._flush_call = None
         control, self._control = self._control, []
         latest, self._latest = self._latest, {}
+        conflated = self._offered - len(latest)
+        self._offered = 0
+        if conflated:
+            self.conflated += conflated
+            self.hub.stats.drop("mqtt_conflated", conflated)
         qos_by_type = self.config.qos_by_type
         default_qos = self.config.data_qos
         for ev in control:
