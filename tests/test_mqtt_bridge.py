@@ -214,7 +214,7 @@ class DataTests(BridgeTestCase):
             self.hub.ingest(dev, Message("telemetry", {"type": "telemetry", "seq": i}, "bot", 1.0))
         self.reactor.advance(0.05)
         self.assertEqual([o["seq"] for o in self.client.on(f"{BASE}/bot/telemetry")], [9])
-        self.assertEqual(self.hub.stats.drops["mqtt_conflated"], 9)
+        self.assertEqual((self.hub.stats.drops["mqtt_conflated"], self.bridge.stats()["conflated"]), (9, 9))
 
     def test_remote_not_republished(self) -> None:
         """Data of a device owned by another hub (peer or MQTT) never goes to the broker."""
