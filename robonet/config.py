@@ -574,6 +574,9 @@ class FoxgloveConfig:
     max_channels: int = _key(10000, _POS_INT)
     max_client_channels: int = _key(64, _POS_INT)
     handshake_timeout: float = _key(10.0, _POS_NUM)
+
+
+@attrs.frozen
 class RecorderConfig:
     """``[recorder]``: the MCAP recorder (docs/recording.rst). Off by default.
 
@@ -596,6 +599,67 @@ class RecorderConfig:
     exclude_types: tuple[str, ...] = _key(("video_frame",), _str_list)
 
 
+def _qos(value: Any, key: str) -> int:
+    if isinstance(value, str) and value.strip() in ("0", "1", "2"):
+        return int(value.strip())
+    if isinstance(value, bool) or value not in (0, 1, 2):
+        raise _fail(key, "an MQTT QoS 0, 1 or 2", value)
+    return int(value)
+
+
+def _qos_table(value: Any, key: str) -> dict[str, int]:
+    if isinstance(value, str):
+        try:
+            value = orjson.loads(value) if value.strip() else {}
+        except orjson.JSONDecodeError:
+            raise _fail(key, "a table of message type = QoS", value) from None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise _fail(key, "a table of message type = QoS", value)
+    return {k: _qos(v, f"{key}.{k}") for k, v in value.items()}
+
+
+def _mqtt_broker(value: Any, key: str) -> str:
+    text = _str(value, key).strip()
+    if not text.lower().startswith(("tcp:", "ssl:", "mqtt://", "mqtts://")):
+        raise ConfigError(
+            key, f"expected tcp:HOST:PORT, ssl:HOST:PORT, mqtt://HOST:PORT or mqtts://..., got {text!r}"
+        )
+    return text
+
+
+@attrs.frozen
+class MqttConfig:
+    """``[mqtt]``: the MQTT bridge (docs/mqtt.rst), an MQTT client of ``broker``; off by default.
+
+    ``broker`` is ``tcp:HOST:PORT``, ``ssl:HOST:PORT`` (TLS: CA ``ca_file`` or the system CAs, the
+    host name checked; ``cert_file``/``key_file`` for a client certificate) or an ``mqtt://`` /
+    ``mqtts://`` URL (``user:password@`` allowed). Times are seconds, sizes bytes.
+    """
+
+    enabled: bool = _key(False, _bool, "run the MQTT bridge")
+    broker: str = _key("tcp:127.0.0.1:1883", _mqtt_broker, "broker endpoint or URL")
+    protocol: str = _key("3.1.1", _choice("3.1.1", "5"), "MQTT protocol version")
+    client_id: str = _key("", _str, "MQTT client id (default robonet-<node_id>)")
+    username: str = _key("", _str)
+    password: str = _key("", _str)
+    ca_file: str = _key("", _str, "CA bundle for ssl: (default: the system CAs)")
+    cert_file: str = _key("", _str, "client certificate (PEM) for ssl:")
+    key_file: str = _key("", _str, "client certificate key (PEM)")
+    keepalive: int = _key(30, _number(int, 5, False, 65535), "MQTT keep-alive")
+    connect_timeout: float = _key(10.0, _POS_NUM)
+    reconnect_max: float = _key(30.0, _POS_NUM, "longest reconnect back-off delay")
+    prefix: str = _key("robonet", _str, "topic prefix")
+    data_qos: int = _key(0, _qos, "QoS of data messages")
+    qos_by_type: dict[str, int] = _key(attrs.Factory(lambda: {"system_status": 1}), _qos_table)
+    status_qos: int = _key(1, _qos, "QoS of retained statuses and command results")
+    batch_interval: float = _key(0.05, _NONNEG_NUM, "latest-value data conflation window; 0 = none")
+    max_queue_bytes: int = _key(1048576, _POS_INT, "outbound queue while disconnected (drop-oldest)")
+    max_payload: int = _key(65536, _POS_INT, "largest incoming payload acted on")
+    command_timeout: float = _key(10.0, _POS_NUM, "wait for a remote command's result")
+    federate: bool = _key(False, _bool, "import devices of other hubs on the broker")
+    max_remote_devices: int = _key(10000, _POS_INT, "devices imported from the broker, at most")
+
+
 SECTIONS: dict[str, type] = {
     "hub": HubConfig,
     "botlink": BotlinkConfig,
@@ -611,6 +675,7 @@ SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "foxglove": FoxgloveConfig,
     "recorder": RecorderConfig,
+    "mqtt": MqttConfig,
 }
 
 
@@ -632,6 +697,7 @@ class Config:
     log: LogConfig = attrs.Factory(LogConfig)
     foxglove: FoxgloveConfig = attrs.Factory(FoxgloveConfig)
     recorder: RecorderConfig = attrs.Factory(RecorderConfig)
+    mqtt: MqttConfig = attrs.Factory(MqttConfig)
 
     @property
     def state_path(self) -> Path:

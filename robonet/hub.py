@@ -108,6 +108,7 @@ class Hub(Service):
         self.audit: Any = None  # robonet.audit.AuditLog; None: commands are not audited
         self.leases: Any = None  # robonet.lease.Leases; None: no control lease
         self._publish_ok: dict[tuple[int, str], Any] = {}  # (id(identity), device_id) -> identity
+        self.mqtt: Any = None  # the MqttBridge, when [mqtt] is enabled (its stats() feed /metrics)
         self._callbacks: dict[str, list[Callback]] = {}
         self._endpoints: dict[str, Endpoint] = {}
         self._subscribers: list[Subscriber] = []
@@ -392,16 +393,16 @@ class Hub(Service):
         face: str = "",
         address: str = "",
     ) -> defer.Deferred[list[str]]:
-        """Route a command (see :meth:`_route_command`), telling the command observers."""
+        """Route a command (see :meth:`_checked_command`), telling the command observers."""
         observers = self._command_observers
         if not observers:
-            return self._route_command(body, origin, target)
+            return self._checked_command(body, origin, target, identity, face, address)
         for on_command, _ in observers:
             try:
                 on_command(origin, target, body)
             except Exception:
                 self.log.failure("command observer failed")
-        d = self._route_command(body, origin, target)
+        d = self._checked_command(body, origin, target, identity, face, address)
 
         def settled(result: Any) -> Any:
             for _, on_outcome in observers:
@@ -414,8 +415,14 @@ class Hub(Service):
 
         return d.addBoth(settled)
 
-    def _route_command(
-        self, body: dict[str, Any], origin: str, target: str | None = None
+    def _checked_command(
+        self,
+        body: dict[str, Any],
+        origin: str,
+        target: str | None = None,
+        identity: Any = None,
+        face: str = "",
+        address: str = "",
     ) -> defer.Deferred[list[str]]:
         """Route a command to robot ``target`` (or to every online robot when None).
 
@@ -703,6 +710,8 @@ class Hub(Service):
         snap["subscribers"] = len(self._subscribers)
         if self.store is not None and hasattr(self.store, "stats"):
             snap["store"] = self.store.stats()
+        if self.mqtt is not None:
+            snap["mqtt"] = self.mqtt.stats()
         return snap
 
     def _ep_peer_list(self, data: Any, origin: str) -> Any:

@@ -221,6 +221,12 @@ def build_service(config: Config, reactor: Any, *, demo: bool = False) -> MultiS
 
         PeerService(config, hub, node, reactor, discovery=discovery).setServiceParent(top)
 
+    if config.mqtt.enabled:
+        from robonet.services.mqtt import MqttBridge
+
+        hub.mqtt = MqttBridge(config, hub, reactor)
+        hub.mqtt.setServiceParent(top)
+
     if demo:
         port = next((p for p in map(_tcp_port, config.botlink.listen) if p), None)
         if port is None:

@@ -264,7 +264,8 @@ class TelemetryResource(JsonResource):
     Rows come from the store, newest first: ``{"id", "device_id", "type", "received_at" (Unix s),
     "robot_ts", "battery", "cpu", "temperature", "signal", "body"}``. ``since``/``until`` bound
     ``received_at`` (inclusive; Unix seconds or ISO-8601, naive = UTC); ``limit`` 1..10000 (default
-    1000); ``scope`` ``project`` (default: every hub writing to the database) or ``hub``. Bad values -> 400 ``{"error", "param"}``; 503 when the store is disabled.
+    1000); ``scope`` ``project`` (default: every hub writing to the database) or ``hub``. Bad
+    values -> 400 ``{"error", "param"}``; 503 when the store is disabled.
     """
 
     def get(self, request: Request) -> bytes | int:
@@ -468,6 +469,15 @@ class HubCollector(Collector):
                 for key, value in sorted(store_stats.items()):
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         yield GaugeMetricFamily(f"robonet_store_{key}", f"store {key}", value=float(value))
+
+        bridge = getattr(hub, "mqtt", None)
+        if bridge is not None:
+            ms = bridge.stats()
+            yield GaugeMetricFamily(
+                "robonet_mqtt_connected", "1 while the MQTT bridge is connected", value=ms["connected"]
+            )
+            for key in ("messages_out", "messages_in", "dropped", "reconnects"):
+                yield CounterMetricFamily(f"robonet_mqtt_{key}", f"MQTT bridge {key}", value=ms[key])
 
 
 class MetricsResource(Resource):
