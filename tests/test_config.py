@@ -35,6 +35,12 @@ CHOICES = {
     ("peers", "forward"): ("telemetry", "status"),
     ("hub", "state_dir"): "/srv/robonet-state",
     ("recorder", "compression"): "lz4",
+    ("store", "backend"): "postgresql",
+    ("store", "dsn"): "postgresql://robonet@127.0.0.1:5432/robonet",
+    ("mqtt", "protocol"): "5",
+    ("mqtt", "data_qos"): 1,
+    ("mqtt", "status_qos"): 0,
+    ("mqtt", "qos_by_type"): {"telemetry": 2},
 }
 
 

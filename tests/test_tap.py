@@ -22,7 +22,12 @@ from robonet.protocols.botlink import BotLinkFactory
 from robonet.protocols.linelink import LineLinkFactory
 from robonet.testing import make_config
 
-NO_OPTIONAL = {"store": {"enabled": False}, "discovery": {"enabled": False}, "camera": {"enabled": False}}
+NO_OPTIONAL = {
+    "store": {"enabled": False},
+    "discovery": {"enabled": False},
+    "camera": {"enabled": False},
+    "foxglove": {"listen": []},
+}
 
 
 def walk(svc: Any) -> list[Any]:
@@ -134,7 +139,7 @@ class BuildServiceTests(SynchronousTestCase):
     def test_default_faces(self) -> None:
         """Bot link, line link and web each get a listening service; the hub is built once and
         comes before the faces (so it stops after them); nothing is started."""
-        top = self.build()
+        top = self.build(foxglove={"listen": ["tcp:0"]})
         children = list(top)
         hubs = [s for s in children if isinstance(s, Hub)]
         self.assertEqual(len(hubs), 1)
@@ -143,7 +148,7 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertIn(BotLinkFactory, kinds)
         self.assertIn(LineLinkFactory, kinds)
         self.assertEqual([s.name for s in walk(top) if (s.name or "").startswith("web:")][-1], "web:relay")
-        self.assertEqual(sorted(hubs[0].faces), ["botlink", "line", "web"])
+        self.assertEqual(sorted(hubs[0].faces), ["botlink", "foxglove", "line", "web"])
         self.assertFalse(any(s.running for s in walk(top)))
 
     def test_one_service_per_listen_address(self) -> None:
