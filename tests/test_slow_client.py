@@ -177,7 +177,8 @@ def ws_handshake(sock: socket.socket, port: int) -> None:
 
 
 def close_code(sock: socket.socket, timeout: float) -> int | None:
-    """Read server frames until a close frame; return its code (None if the connection just ended)."""
+    """Read server frames until a close frame; return its code (None if the connection ended or was
+    reset first). Raises TimeoutError if nothing closes it within ``timeout`` seconds."""
     sock.setblocking(True)
     sock.settimeout(timeout)
     buf = b""
@@ -199,8 +200,8 @@ def close_code(sock: socket.socket, timeout: float) -> int | None:
                 return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
         try:
             chunk = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            return None
+        except ConnectionResetError:
+            return None  # TimeoutError propagates: the connection was never closed
         if not chunk:
             return None
         buf += chunk
@@ -244,7 +245,11 @@ class FloodTests(unittest.SynchronousTestCase):
         self.assertLess(sent, 2_000_000, "the server never stopped reading a peer that does not read")
         with websockets_sync_connect(f"ws://127.0.0.1:{port}/ws/telemetry/") as good:
             self.assertEqual(json.loads(good.recv(timeout=5))["device_type"], "website")
-        self.assertEqual(close_code(sock, timeout=30), 1008)
+        # The server stopped reading this peer, so its socket still holds unread pings when it
+        # closes: the kernel then resets the connection, which may discard the 1008 close frame
+        # before this client reads it (and under load the auto-ping timeout may close it first).
+        # Behaviour checked: closed within 30 s (1008, or reset/EOF), never left open.
+        self.assertIn(close_code(sock, timeout=30), (1008, None))
 
     def test_dribbling_http_headers(self) -> None:
         """300 sockets dribbling header bytes are all cut at web.header_timeout (absolute, not idle) while
